@@ -1,0 +1,148 @@
+"""Running a frozen network safely: capture named layers with forward hooks, find its stage outputs,
+and leave it exactly as it was found (hooks, train/eval modes, ``requires_grad`` flags)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["capture", "check_layers", "count_hooks", "preserved_state", "stage_outputs"]
+
+
+def check_layers(model: nn.Module, layers: Sequence[str], model_name: str = "model") -> dict[str, nn.Module]:
+    """Resolve layer names to modules, or fail with the list of valid names."""
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a list of names, got the single string {layers!r}; write [{layers!r}]")
+    modules = dict(model.named_modules())
+    unknown = [name for name in layers if name not in modules or name == ""]
+    if unknown:
+        valid = ", ".join(name for name in modules if name)
+        raise ValueError(f"unknown layer name(s) {unknown} for {model_name}; valid names are: {valid}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layer names must be unique, got {list(layers)}")
+    return {name: modules[name] for name in layers}
+
+
+class _Recorder:
+    """Forward hook that keeps a layer's output and hands a copy to the rest of the network.
+
+    The stored tensor stays in the autograd graph (gradients w.r.t. it are exact) and an in-place op
+    further down (``ReLU(inplace=True)`` after a hooked conv) only ever touches the copy. A plain class
+    rather than a closure, so a model with hooks attached can still be pickled (``ddp_spawn``).
+    """
+
+    def __init__(self, name: str, store: dict[str, Tensor]) -> None:
+        self.name = name
+        self.store = store
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: object) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"layer {self.name!r} ({type(module).__name__}) returns {type(output).__name__}, not a tensor; "
+                "hook a module whose output is a single feature map"
+            )
+        if self.name in self.store:
+            raise RuntimeError(
+                f"layer {self.name!r} ran more than once in one forward pass (the module is reused); "
+                "hook a module that runs once, such as its parent block"
+            )
+        self.store[self.name] = output
+        return output.clone()
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layers: Sequence[str], model_name: str = "model") -> Iterator[dict[str, Tensor]]:
+    """Record the outputs of ``layers`` during forward passes run inside the ``with`` block.
+
+    Yields a dict that fills up as the model runs; clear it between passes. The hooks are removed when
+    the block exits, also when it exits through an exception.
+    """
+    modules = check_layers(model, layers, model_name)
+    store: dict[str, Tensor] = {}
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(_Recorder(name, store)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward, pre-forward and backward hooks on all modules (for leak checks)."""
+    total = 0
+    for module in model.modules():
+        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        total += len(module._backward_hooks) + len(module._backward_pre_hooks)
+    return total
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every module's train/eval mode and every parameter's ``requires_grad`` on exit."""
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def stage_outputs(model: nn.Module, example: Tensor) -> list[str]:
+    """Names of the layers that end each spatial resolution of a CNN, shallow to deep.
+
+    A network is read as a chain of steps: the children of the model and, recursively, of its
+    ``Sequential`` / ``ModuleList`` containers (conv layers, residual blocks, stages; never the inside of
+    a block). For every resolution the 4-D feature
+    maps pass through, the answer is the last step that outputs it: the tensor that feeds the next
+    down-sampling step, or the last feature map (ResNet-50: relu, layer1, layer2, layer3, layer4; VGG-16:
+    features.3, .8, .15, .22, .29 and the last pool). Runs ``example`` once in eval mode under ``no_grad``;
+    the model's state is left as it was.
+    """
+    modules = dict(model.named_modules())
+
+    def is_step(name: str) -> bool:
+        """A child of the model or of a container, itself inside steps only (not inside a block)."""
+        parent_name = name.rpartition(".")[0]
+        if not parent_name:
+            return True
+        return isinstance(modules[parent_name], (nn.Sequential, nn.ModuleList)) and is_step(parent_name)
+
+    events: list[tuple[str, tuple[int, int]]] = []
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+                events.append((name, tuple(output.shape[-2:])))
+
+        return hook
+
+    steps = [name for name, module in modules.items() if name and is_step(name)]
+    handles = [
+        modules[name].register_forward_hook(record(name))
+        for name in steps
+        if not isinstance(modules[name], _PASS_THROUGH)
+    ]
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    last_at_size: dict[tuple[int, int], str] = {}
+    for name, size in events:
+        last_at_size.pop(size, None)
+        last_at_size[size] = name
+    last_run = {name: index for index, (name, _) in enumerate(events)}
+    return sorted(set(last_at_size.values()), key=last_run.__getitem__)

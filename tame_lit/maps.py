@@ -1,0 +1,45 @@
+"""Operations on explanation maps ``[B, h, w]`` shared by heads, explainers and metrics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["keep_top", "normalize", "upsample"]
+
+
+def normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Min-max each map to [0, 1] in float32; a constant (or non-finite) map becomes zeros, never NaN."""
+    maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    flat = maps.flatten(1)
+    low = flat.amin(dim=1, keepdim=True)
+    span = flat.amax(dim=1, keepdim=True) - low
+    scaled = torch.where(span > eps, (flat - low) / span.clamp_min(eps), torch.zeros_like(flat))
+    return scaled.view_as(maps)
+
+
+def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear (align_corners=False) resize of ``[B, h, w]`` maps to ``size``, in float32."""
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def keep_top(maps: Tensor, fraction: float) -> Tensor:
+    """Keep exactly ceil(fraction * h * w) highest pixels of each map with their soft values; zero the rest.
+
+    Per image, so the batch size never changes the result (the original TAME threshold was batch-wide).
+    Ties at the threshold are broken by position, so the count is always exact.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction of pixels to keep must be in (0, 1], got {fraction}")
+    flat = maps.flatten(1)
+    count = math.ceil(round(fraction * flat.shape[1], 6))
+    if count >= flat.shape[1]:
+        return maps
+    values, indices = flat.topk(count, dim=1, sorted=False)
+    return torch.zeros_like(flat).scatter_(1, indices, values).view_as(maps)

@@ -1,0 +1,40 @@
+"""Average Drop and Increase in Confidence, TAME's definition (spec tame.md §3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["AverageDropIncrease"]
+
+
+class AverageDropIncrease(Metric):
+    """AD = mean max(0, Y - O) / Y * 100 and IC = mean 1[O > Y] * 100.
+
+    Y is the softmax probability of the explained class on the clean image and O on the image masked by
+    the explanation. States are sums and a count, so results are exact when summed across processes.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("drop", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("increase", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, clean_prob: Tensor, masked_prob: Tensor) -> None:
+        if clean_prob.shape != masked_prob.shape or clean_prob.dim() != 1:
+            raise ValueError(
+                f"expected two [B] probability tensors, got {tuple(clean_prob.shape)} and {tuple(masked_prob.shape)}"
+            )
+        clean, masked = clean_prob.double(), masked_prob.double()
+        self.drop += ((clean - masked).clamp_min(0) / clean.clamp_min(1e-12)).sum()
+        self.increase += (masked > clean).sum()
+        self.count += clean.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        count = self.count.clamp_min(1).double()
+        return {"AD": 100 * self.drop / count, "IC": 100 * self.increase / count}

@@ -1,0 +1,69 @@
+"""``python train.py`` / ``tame-train``: train an explanation head with Hydra, Lightning and any logger."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tame_lit.config import config_dir, instantiate_group, metric_value, print_config
+from tame_lit.io import write_json
+from tame_lit.training import IncompatibleCheckpointError
+
+__all__ = ["main", "train"]
+
+log = logging.getLogger(__name__)
+
+# The frozen backbone is in eval mode on purpose (backbone.train_mode=false).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured head; returns the final logged metrics (also written to ``metrics.json``)."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("float32_matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path not found: {Path(ckpt_path).resolve()}")
+
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, _convert_="all")
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams({"config": settings})
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except IncompatibleCheckpointError as error:
+        raise IncompatibleCheckpointError(f"{ckpt_path}: {error}") from None
+    finally:
+        if any(isinstance(logger, L.pytorch.loggers.WandbLogger) for logger in loggers):
+            import wandb
+
+            wandb.finish()
+
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        write_json(Path(trainer.default_root_dir) / "metrics.json", {"metrics": metrics, "best_checkpoint": best})
+        if best:
+            log.info("best checkpoint: %s", best)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    print_config(cfg)
+    metrics = train(cfg)
+    return metric_value(metrics, cfg.get("optimized_metric"))

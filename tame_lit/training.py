@@ -1,0 +1,247 @@
+"""The LightningModule that trains any explanation head on a frozen backbone with TAME's masking objective.
+
+One step (tame.md §2.2): clean pass (hooks capture the head's layers; the label is the backbone's own
+top-1 unless ground truth is asked for) -> head -> sigmoid map of each image's label, upsampled -> mask the
+[0, 1] image -> second backbone pass -> CE + area + variation. Only the head is trained and checkpointed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import OneCycleLR
+
+from tame_lit import __version__, backbones, heads
+from tame_lit.explainers import HeadExplainer, head_maps
+from tame_lit.heads import select_classes
+from tame_lit.losses import MaskingLoss
+from tame_lit.maps import keep_top, upsample
+from tame_lit.metrics import AverageDropIncrease
+
+__all__ = ["HeadTrainingModule", "IncompatibleCheckpointError", "OptimizerConfig"]
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint was trained for another backbone, head or set of layers than the run that loads it."""
+
+
+@dataclass
+class OptimizerConfig:
+    """SGD with Nesterov momentum and OneCycleLR stepped per batch (tame.md §2.4).
+
+    Parameters named ``*bias`` get ``bias_lr_factor`` x the learning rate and no weight decay; all others
+    (conv weights, batch-norm scales) get ``weight_decay``.
+    """
+
+    max_lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    bias_lr_factor: float = 2.0
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:g}"
+
+
+class HeadTrainingModule(L.LightningModule):
+    """Trains ``heads.create(**head)`` on ``backbones.create(**backbone)``.
+
+    All arguments are plain configs (dicts of primitives), saved as hyperparameters, so a checkpoint alone
+    rebuilds the module: ``HeadTrainingModule.load_from_checkpoint(path)``. ``labels``: ``"model"`` (the
+    backbone's top-1 on the clean image, as TAME) or ``"ground_truth"`` (the dataset's labels).
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        head: Mapping[str, Any],
+        loss: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        labels: str = "model",
+        val_keep: Sequence[float] = (1.0, 0.5, 0.15),
+    ) -> None:
+        super().__init__()
+        if labels not in ("model", "ground_truth"):
+            raise ValueError(f"labels must be 'model' or 'ground_truth', got {labels!r}")
+        backbone_cfg = dict(backbone)
+        head_cfg = dict(head)
+        if "name" not in head_cfg:
+            raise ValueError(f"head config needs a 'name' (one of {heads.available()}), got {head_cfg}")
+        self.backbone = backbones.create(**backbone_cfg)
+        head_options = {k: v for k, v in head_cfg.items() if k not in ("name", "layers")}
+        self.head = heads.create(head_cfg["name"], self.backbone, head_cfg.get("layers"), **head_options)
+        head_cfg["layers"] = list(self.head.layers)
+        self.objective = MaskingLoss(**(loss or {}))
+        self.optimizer_config = OptimizerConfig(**(optimizer or {}))
+        self.labels = labels
+        self.val_keep = tuple(float(f) for f in val_keep)
+        self.save_hyperparameters(
+            {
+                "backbone": backbone_cfg,
+                "head": head_cfg,
+                "loss": asdict(self.objective),
+                "optimizer": asdict(self.optimizer_config),
+                "labels": labels,
+                "val_keep": list(self.val_keep),
+            }
+        )
+        self.val_ad_ic = nn.ModuleDict({_percent(f): AverageDropIncrease() for f in self.val_keep})
+        self.explainer = HeadExplainer(self.backbone, self.head)
+
+    # ---- the masking objective -------------------------------------------------------------------
+    def _labels(self, logits: Tensor, dataset_labels: Tensor) -> Tensor:
+        if self.labels == "model":
+            return logits.argmax(dim=1)
+        if (dataset_labels < 0).any():
+            raise ValueError("labels='ground_truth' needs labelled images; this batch has images without a label")
+        return dataset_labels
+
+    def masking_pass(self, images: Tensor, features: dict[str, Tensor], labels: Tensor) -> tuple[dict, Tensor]:
+        """Loss terms and the masked image's logits, computing only the maps of the batch's labels."""
+        classes, columns = torch.unique(labels, return_inverse=True)
+        masks = torch.sigmoid(self.head(features, classes).float())  # [B, U, h, w]
+        own = upsample(select_classes(masks, classes, labels), images.shape[-2:])
+        masked_logits = self.backbone(images * own.unsqueeze(1).to(images.dtype))
+        return self.objective(masked_logits, labels, masks, columns), masked_logits
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        images = batch["images"]
+        self.log("data/skipped_images", float(batch["skipped"]), on_step=False, on_epoch=True, reduce_fx="sum")
+        if images.shape[0] == 0:
+            return None
+        with torch.no_grad():
+            logits, features = self.backbone.features(images, self.head.layers)
+        labels = self._labels(logits, batch["labels"])
+        terms, masked_logits = self.masking_pass(images, features, labels)
+        batch_size = images.shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
+        agreement = (masked_logits.argmax(dim=1) == logits.argmax(dim=1)).float().mean()
+        self.log("train/masked_agreement", agreement, batch_size=batch_size)
+        return terms["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["images"]
+        self.log("data/val_skipped_images", float(batch["skipped"]), on_epoch=True, reduce_fx="sum", sync_dist=True)
+        if images.shape[0] == 0:
+            return
+        logits, features = self.backbone.features(images, self.head.layers)
+        labels = self._labels(logits, batch["labels"])
+        terms, masked_logits = self.masking_pass(images, features, labels)
+        predicted = logits.argmax(dim=1)
+        batch_size = images.shape[0]
+        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch_size)
+        agreement = (masked_logits.argmax(dim=1) == predicted).float().mean()
+        self.log("val/masked_agreement", agreement, sync_dist=True, prog_bar=True, batch_size=batch_size)
+
+        # AD / IC: explain the top-1 class with the min-max pre-sigmoid map, keep the top pixels per image
+        maps = head_maps(self.head, features, predicted, images.shape[-2:])
+        kept = torch.cat([images * keep_top(maps, f).unsqueeze(1).to(images.dtype) for f in self.val_keep])
+        clean = logits.float().softmax(dim=1).gather(1, predicted[:, None]).squeeze(1)
+        masked = self.backbone(kept).float().softmax(dim=1)
+        masked = masked.gather(1, predicted.repeat(len(self.val_keep))[:, None]).squeeze(1)
+        for metric, chunk in zip(self.val_ad_ic.values(), masked.split(batch_size), strict=True):
+            metric.update(clean, chunk)
+
+    def on_validation_epoch_end(self) -> None:
+        for percent, metric in self.val_ad_ic.items():
+            if metric.update_count == 0:
+                continue
+            values = metric.compute()
+            self.log(f"val/AD@{percent}", values["AD"])
+            self.log(f"val/IC@{percent}", values["IC"])
+            metric.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.explainer(batch["images"])
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.optimizer_config
+        weights, biases = [], []
+        for name, param in self.head.named_parameters():
+            if param.requires_grad:
+                (biases if name.endswith("bias") else weights).append(param)
+        optimizer = torch.optim.SGD(
+            [
+                {"params": weights, "weight_decay": config.weight_decay},
+                {"params": biases, "weight_decay": 0.0},
+            ],
+            lr=config.max_lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        if not 0 < total_steps < float("inf"):
+            raise ValueError(
+                f"OneCycleLR needs a finite number of steps, got {total_steps}: set trainer.max_epochs or "
+                "trainer.max_steps"
+            )
+        scheduler = OneCycleLR(
+            optimizer,
+            max_lr=[config.max_lr, config.max_lr * config.bias_lr_factor],
+            total_steps=int(total_steps),
+            pct_start=config.pct_start,
+            div_factor=config.div_factor,
+            final_div_factor=config.final_div_factor,
+            cycle_momentum=config.cycle_momentum,
+            base_momentum=config.base_momentum,
+            max_momentum=config.max_momentum,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints hold the head, never the frozen backbone ---------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("backbone.")
+        }
+        checkpoint["tame_lit"] = self._compatibility() | {"version": __version__}
+
+    def _compatibility(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone.name,
+            "weights": self.backbone.weights_source,
+            "weights_fingerprint": self.backbone.fingerprint(),
+            "head": self.hparams["head"]["name"],
+            "layer_shapes": {name: list(shape) for name, shape in self.head.layer_shapes.items()},
+            "num_classes": self.head.num_classes,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("tame_lit")
+        if saved is None:
+            raise IncompatibleCheckpointError("this checkpoint was not written by tame-lit (no 'tame_lit' entry)")
+        mine = self._compatibility()
+        for key in ("backbone", "head", "layer_shapes", "num_classes"):
+            if saved.get(key) != mine[key]:
+                raise IncompatibleCheckpointError(
+                    f"checkpoint was trained with {key}={saved.get(key)!r}, but this run has {key}={mine[key]!r}; "
+                    f"run with the checkpoint's settings (backbone={saved.get('backbone')}, head={saved.get('head')},"
+                    f" layers {list(saved.get('layer_shapes', {}))}) or start without ckpt_path"
+                )
+        if saved.get("weights_fingerprint") != mine["weights_fingerprint"]:
+            warnings.warn(
+                f"the head was trained on {saved['backbone']} weights {saved.get('weights')!r}; this backbone has "
+                f"other weights ({mine['weights']!r}): its explanations may not fit these weights",
+                stacklevel=2,
+            )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load a head-only state dict; the backbone keeps the weights it was built with."""
+        full = dict(state_dict)
+        for key, value in self.backbone.state_dict(prefix="backbone.").items():
+            full.setdefault(key, value)
+        return super().load_state_dict(full, strict=strict, assign=assign)
