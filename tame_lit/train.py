@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import hydra
@@ -19,9 +18,6 @@ from tame_lit.training import IncompatibleCheckpointError
 __all__ = ["main", "train"]
 
 log = logging.getLogger(__name__)
-
-# The frozen backbone is in eval mode on purpose (backbone.train_mode=false).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

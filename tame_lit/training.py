@@ -21,10 +21,13 @@ from tame_lit import __version__, backbones, heads
 from tame_lit.explainers import HeadExplainer, head_maps
 from tame_lit.heads import select_classes
 from tame_lit.losses import MaskingLoss
-from tame_lit.maps import keep_top, upsample
-from tame_lit.metrics import AverageDropIncrease
+from tame_lit.maps import upsample
+from tame_lit.metrics import AverageDropIncrease, class_probability, masked_probability
 
 __all__ = ["HeadTrainingModule", "IncompatibleCheckpointError", "OptimizerConfig"]
+
+# Lightning warns about submodules in eval mode at fit start; the frozen backbone is, on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -119,7 +122,14 @@ class HeadTrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         images = batch["images"]
-        self.log("data/skipped_images", float(batch["skipped"]), on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log(
+            "data/skipped_images",
+            float(batch["skipped"]),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            sync_dist=True,
+        )
         if images.shape[0] == 0:
             return None
         with torch.no_grad():
@@ -132,6 +142,12 @@ class HeadTrainingModule(L.LightningModule):
         agreement = (masked_logits.argmax(dim=1) == logits.argmax(dim=1)).float().mean()
         self.log("train/masked_agreement", agreement, batch_size=batch_size)
         return terms["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A run that ends on max_steps in the middle of an epoch still validates (and checkpoints) its
+        # final head: Lightning validates when asked to stop, not when max_steps is reached.
+        if 0 < self.trainer.max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["images"]
@@ -149,20 +165,17 @@ class HeadTrainingModule(L.LightningModule):
 
         # AD / IC: explain the top-1 class with the min-max pre-sigmoid map, keep the top pixels per image
         maps = head_maps(self.head, features, predicted, images.shape[-2:])
-        kept = torch.cat([images * keep_top(maps, f).unsqueeze(1).to(images.dtype) for f in self.val_keep])
-        clean = logits.float().softmax(dim=1).gather(1, predicted[:, None]).squeeze(1)
-        masked = self.backbone(kept).float().softmax(dim=1)
-        masked = masked.gather(1, predicted.repeat(len(self.val_keep))[:, None]).squeeze(1)
-        for metric, chunk in zip(self.val_ad_ic.values(), masked.split(batch_size), strict=True):
-            metric.update(clean, chunk)
+        clean = class_probability(logits, predicted)
+        for fraction, metric in zip(self.val_keep, self.val_ad_ic.values(), strict=True):
+            metric.update(clean, masked_probability(self.backbone, images, maps, predicted, fraction))
 
     def on_validation_epoch_end(self) -> None:
         for percent, metric in self.val_ad_ic.items():
             if metric.update_count == 0:
                 continue
-            values = metric.compute()
-            self.log(f"val/AD@{percent}", values["AD"])
-            self.log(f"val/IC@{percent}", values["IC"])
+            values = metric.compute()  # already summed over processes: sync_dist only averages equal values
+            self.log(f"val/AD@{percent}", values["AD"], sync_dist=True)
+            self.log(f"val/IC@{percent}", values["IC"], sync_dist=True)
             metric.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["AverageDropIncrease"]
+from tame_lit.maps import keep_top
+
+__all__ = ["AverageDropIncrease", "class_probability", "masked_probability"]
+
+
+def class_probability(logits: Tensor, targets: Tensor) -> Tensor:
+    """Softmax probability of each image's target class, in float32: ``[B]``."""
+    return logits.float().softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
+
+
+def masked_probability(
+    model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor, targets: Tensor, fraction: float
+) -> Tensor:
+    """O of TAME's AD/IC: the target's probability on the [0, 1] image multiplied by its map, after keeping
+    the top ``fraction`` of each map's pixels (soft values; the rest zero, i.e. black)."""
+    kept = keep_top(maps, fraction).unsqueeze(1).to(images.dtype)
+    return class_probability(model(images * kept), targets)
 
 
 class AverageDropIncrease(Metric):

@@ -1,0 +1,149 @@
+"""Training throughput of the TAME step against the backbone's plain inference forward.
+
+Compute only, on one preloaded batch: ``inference`` is ``backbone(x)`` under ``inference_mode``; the TAME
+step is a clean forward, the head, the masked forward, the backward to the input and the SGD step.
+``tame (all classes)`` computes all class maps and selects afterwards (the naive way); ``tame`` computes
+only the maps of the batch's labels (what ``HeadTrainingModule`` does; same loss). Data loading (JPEG
+decode + resize + crop in worker processes) is measured separately. Each configuration runs in a fresh
+process so that its peak memory (CUDA: max allocated; CPU: peak RSS) is its own.
+
+    python benchmarks/train_throughput.py [--device cuda] [--batch 16] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette" / "train"
+
+
+def batch_of_images(batch: int, size: int) -> torch.Tensor:
+    """Real photos when ../shared/data is there (labels then vary as in training), else noise."""
+    from tame_lit.data import ImageDataset, eval_transform, folder_samples
+
+    if SAMPLE.is_dir():
+        samples, _ = folder_samples(SAMPLE)
+        dataset = ImageDataset(samples[:: max(1, len(samples) // batch)][:batch], eval_transform(256, size))
+        return torch.stack([dataset[i][0] for i in range(batch)])
+    return torch.rand(batch, 3, size, size)
+
+
+def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, device: str) -> dict:
+    from tame_lit.training import HeadTrainingModule
+
+    torch.manual_seed(0)
+    weights = "imagenet" if backbone_name == "efficientnet_lite0" else None
+    module = HeadTrainingModule(backbone={"name": backbone_name, "weights": weights}, head={"name": "tame"})
+    module.to(device).train()
+    images = batch_of_images(batch, size).to(device)
+    optimizer = torch.optim.SGD(module.head.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+
+    def inference() -> None:
+        with torch.inference_mode():
+            module.backbone(images)
+
+    def tame_step() -> None:
+        with torch.no_grad():
+            logits, features = module.backbone.features(images, module.head.layers)
+        labels = logits.argmax(dim=1)
+        if mode == "tame_all":
+            all_maps = module.head(features)
+            original = module.head.forward
+            module.head.forward = lambda feats, classes=None: all_maps if classes is None else all_maps[:, classes]
+            try:
+                terms, _ = module.masking_pass(images, features, labels)
+            finally:
+                module.head.forward = original
+        else:
+            terms, _ = module.masking_pass(images, features, labels)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+
+    step = inference if mode == "inference" else tame_step
+    for _ in range(2):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {"images_per_s": batch * steps / seconds, "peak_mib": peak}
+
+
+def loading(batch: int, workers: int, batches: int) -> float:
+    from torch.utils.data import DataLoader
+
+    from tame_lit.data import ImageDataset, collate, folder_samples, train_transform
+
+    samples, _ = folder_samples(IMAGENETTE)
+    dataset = ImageDataset(samples, train_transform(256, 224), draft_size=256)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate)
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batch * batches / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--one", nargs=2, metavar=("BACKBONE", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        result = measure(args.one[0], args.one[1], args.batch, args.size, args.steps, args.device)
+        print(json.dumps(result))
+        return
+
+    rows = []
+    for name in args.backbones:
+        results = {}
+        for mode in ("inference", "tame_all", "tame"):
+            command = [sys.executable, __file__, "--one", name, mode, "--device", args.device,
+                       "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps)]  # fmt: skip
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[mode] = json.loads(output.strip().splitlines()[-1])
+        base = results["inference"]["images_per_s"]
+        for mode, label in (("inference", "inference forward"), ("tame_all", "tame (all classes)"), ("tame", "tame")):
+            rate = results[mode]["images_per_s"]
+            rows.append((name, label, rate, rate / base, results[mode]["peak_mib"]))
+
+    print(f"\ndevice={args.device} batch={args.batch} size={args.size}px steps={args.steps} torch={torch.__version__}")
+    print("| backbone | step | images/s | ratio to inference | peak memory (MiB) |")
+    print("|---|---|---:|---:|---:|")
+    for name, label, rate, ratio, peak in rows:
+        print(f"| {name} | {label} | {rate:.1f} | {ratio:.3f} | {peak:.0f} |")
+    if IMAGENETTE.is_dir():
+        rate = loading(args.batch, args.workers, batches=20)
+        what = f"imagenette/train, JPEG decode + resize + crop, {args.workers} workers"
+        print(f"\ndata loading ({what}): {rate:.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()

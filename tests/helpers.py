@@ -1,0 +1,70 @@
+"""Small building blocks shared by the tests (tiny models, run helpers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# A tiny timm CNN (random init, 10 classes) at 64 px: the whole pipeline in seconds.
+TINY_BACKBONE = {"name": "test_resnet", "weights": None, "num_classes": 10, "input_size": 64}
+TINY_OVERRIDES = [
+    "backbone=custom",
+    "backbone.name=test_resnet",
+    "backbone.weights=null",
+    "+backbone.num_classes=10",
+    "+backbone.input_size=64",
+    "data.resize_size=72",
+    "data.crop_size=64",
+]
+
+
+class StopAfterStep(L.Callback):
+    """Ask the trainer to stop after ``step`` optimiser steps (simulates an interrupted run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python train.py ARGS`` in ``cwd`` with no stdin (a prompt would fail instead of hanging);
+    ``env`` replaces the inherited environment."""
+    environment = {**(os.environ if env is None else env), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+    )
+
+
+def compose_train(overrides: list[str], output_dir: Path):
+    """The config ``python train.py OVERRIDES`` would run, writing to ``output_dir`` (for in-process runs)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tame_lit.config import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tame_lit.maps import keep_top, normalize, upsample
+from tame_lit.metrics import AverageDropIncrease, masked_probability
+
+
+def test_keep_top_keeps_exactly_ceil_p_hw_pixels_with_soft_values():
+    torch.manual_seed(0)
+    maps = torch.rand(3, 224, 224)
+    for fraction in (0.5, 0.15):
+        kept = keep_top(maps, fraction)
+        count = math.ceil(fraction * 224 * 224)
+        assert ((kept > 0).flatten(1).sum(dim=1) == count).all()
+        assert torch.equal(kept[kept > 0], maps[kept > 0])  # soft values, not binarised
+        assert (maps[kept == 0] <= kept.flatten(1).amax(1).min()).all()
+    assert count == 7527
+    assert torch.equal(keep_top(maps, 1.0), maps)
+
+
+def test_keep_top_breaks_ties_to_an_exact_count():
+    maps = torch.ones(2, 10, 10)
+    assert ((keep_top(maps, 0.15) > 0).flatten(1).sum(dim=1) == 15).all()
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        keep_top(maps, 0.0)
+
+
+def test_normalize_is_per_map_and_never_nan():
+    maps = torch.stack([torch.arange(4.0).view(2, 2), torch.full((2, 2), 3.0), torch.tensor([[1.0, float("nan")], [2, 3]])])
+    out = normalize(maps)
+    torch.testing.assert_close(out[0], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
+    assert torch.equal(out[1], torch.zeros(2, 2))
+    assert torch.isfinite(out).all() and out.dtype == torch.float32
+
+
+def test_upsample_is_bilinear_without_aligned_corners():
+    maps = torch.tensor([[[0.0, 1.0]]])
+    torch.testing.assert_close(upsample(maps, (1, 4)), torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
+
+
+def test_average_drop_and_increase_by_hand():
+    metric = AverageDropIncrease()
+    metric.update(torch.tensor([0.8, 0.5]), torch.tensor([0.4, 0.6]))
+    metric.update(torch.tensor([0.2]), torch.tensor([0.2]))
+    values = metric.compute()
+    # drops: (0.8-0.4)/0.8 = 0.5, 0, 0 -> AD = 100 * 0.5 / 3; increases: only 0.6 > 0.5 -> IC = 100 / 3
+    assert values["AD"].item() == pytest.approx(100 * 0.5 / 3)
+    assert values["IC"].item() == pytest.approx(100 / 3)
+
+
+def test_ad_ic_does_not_depend_on_the_batch_size(tiny_backbone):
+    torch.manual_seed(1)
+    images, maps = torch.rand(7, 3, 64, 64), torch.rand(7, 64, 64)
+    targets = torch.randint(0, 10, (7,))
+    with torch.no_grad():
+        batched = masked_probability(tiny_backbone, images, maps, targets, 0.15)
+        single = torch.cat([masked_probability(tiny_backbone, images[i : i + 1], maps[i : i + 1], targets[i : i + 1], 0.15)
+                            for i in range(7)])  # fmt: skip
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)

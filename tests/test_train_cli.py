@@ -1,0 +1,94 @@
+"""``python train.py`` as users run it: default run, experiments, sweeps, DDP, W&B offline, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import TINY_OVERRIDES, run_cli
+
+
+def only_run(root: Path) -> Path:
+    runs = list((root / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_finished(result, run_dir: Path) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert Path(metrics["best_checkpoint"]).is_file()
+    return metrics["metrics"]
+
+
+@pytest.mark.real
+def test_no_arguments_trains_on_the_embedded_default(tmp_path):
+    result = run_cli([], cwd=tmp_path)
+    run_dir = only_run(tmp_path)
+    metrics = assert_finished(result, run_dir)
+    assert 0 <= metrics["val/AD@15"] <= 100 and 0 <= metrics["val/masked_agreement"] <= 1
+    assert sorted(p.name for p in (run_dir / "heatmaps").iterdir()) == ["epoch_000.png", "epoch_001.png"]
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["backbone"]["name"] == "efficientnet_lite0" and config["data"]["_target_"].endswith("Embedded" "DataModule")
+
+
+@pytest.mark.real
+def test_imagenette_experiment_runs(tmp_path, shared_data):
+    args = ["experiment=tame_lite0_imagenette", "trainer.max_steps=20", "data.batch_size=8",
+            "trainer.limit_val_batches=2", f"paths.data_dir={shared_data}"]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path)
+    run_dir = next((tmp_path / "outputs" / "tame_lite0_imagenette" / "runs").iterdir())
+    metrics = assert_finished(result, run_dir)
+    assert "val/AD@50" in metrics and metrics["lr-SGD/pg2"] == pytest.approx(2 * metrics["lr-SGD/pg1"])
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    args = [*TINY_OVERRIDES, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.precision=32-true", "trainer.max_steps=3"]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path)
+    run_dir = only_run(tmp_path)
+    assert_finished(result, run_dir)
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # the second rank ran
+
+
+def test_multirun_sweep_and_optuna_search(tmp_path):
+    result = run_cli(["-m", *TINY_OVERRIDES, "trainer.max_steps=2", "optimizer.max_lr=1e-3,1e-2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = next((tmp_path / "outputs" / "train" / "multiruns").iterdir())
+    lrs = sorted(yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())["optimizer"]["max_lr"]
+                 for job in ("0", "1"))  # fmt: skip
+    assert lrs == [1e-3, 1e-2] and all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))
+
+    args = [*TINY_OVERRIDES, "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=1", "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path / 'optuna'}"]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = yaml.safe_load((tmp_path / "optuna" / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"optimizer.max_lr", "loss.area", "loss.variation"}
+    assert 0 <= results["best_value"] <= 100
+
+
+def test_wandb_logs_offline_without_a_login_or_a_prompt(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc: not logged in
+    result = run_cli([*TINY_OVERRIDES, "logger=wandb"], cwd=tmp_path, env=env, timeout=300)
+    run_dir = only_run(tmp_path)
+    assert_finished(result, run_dir)
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    logged = next(offline.glob("run-*.wandb")).read_bytes()
+    for key in (b"train/loss", b"val/AD@15", b"val/IC@50", b"lr-SGD/pg1", b"max_lr"):
+        assert key in logged, key
+    assert len(list((offline / "files" / "media" / "images").rglob("heatmaps_*.png"))) == 2  # one per epoch
+
+
+def test_bad_input_fails_with_a_message_naming_it(tmp_path):
+    result = run_cli([*TINY_OVERRIDES, "data=folder", f"data.train_dir={tmp_path / 'no_such_dir'}"], cwd=tmp_path)
+    assert result.returncode != 0 and "no_such_dir" in result.stderr
+    result = run_cli([*TINY_OVERRIDES, "backbone.layers=[layer2,layer99]"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "unknown layer name(s) ['layer99']" in result.stderr and "layer4" in result.stderr
