@@ -16,10 +16,15 @@ from tests.helpers import TINY_BACKBONE
 @pytest.mark.parametrize(
     ("name", "layers", "shapes", "cam_layer"),
     [
-        ("vgg16", ("features.16", "features.23", "features.30"), [(256, 28, 28), (512, 14, 14), (512, 7, 7)], "features.29"),
+        (
+            "vgg16",
+            ("features.16", "features.23", "features.30"),
+            [(256, 28, 28), (512, 14, 14), (512, 7, 7)],
+            "features.29",
+        ),
         ("resnet50", ("layer2", "layer3", "layer4"), [(512, 28, 28), (1024, 14, 14), (2048, 7, 7)], "layer4"),
     ],
-)  # fmt: skip
+)
 def test_torchvision_backbones_are_frozen_with_the_tame_layers(name, layers, shapes, cam_layer):
     backbone = backbones.create(name, weights=None)
     assert not any(p.requires_grad for p in backbone.parameters())
@@ -65,7 +70,7 @@ def test_weights_file_of_another_architecture_is_refused_with_the_key(tmp_path):
 
 
 def test_weights_file_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth"):
         backbones.create(**{**TINY_BACKBONE, "weights": str(tmp_path / "nowhere.pth")})
     pickled = tmp_path / "object.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # a pickled module, not a state dict

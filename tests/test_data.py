@@ -42,7 +42,8 @@ def test_every_image_mode_becomes_8bit_rgb(tmp_path):
         assert image.mode == "RGB" and image.size == (40, 30), mode
     assert load_rgb(paths["RGBA"]).getpixel((0, 0)) == (255, 255, 255)  # composited over white
     assert load_rgb(paths["I;16"]).getpixel((0, 0)) == (255, 255, 255)  # 16-bit scaled, not clipped
-    assert load_rgb(paths["L"]).getpixel((0, 0)) == (Image.new("RGB", (1, 1), (200, 40, 10)).convert("L").getpixel((0, 0)),) * 3
+    gray = Image.new("RGB", (1, 1), (200, 40, 10)).convert("L").getpixel((0, 0))
+    assert load_rgb(paths["L"]).getpixel((0, 0)) == (gray, gray, gray)
 
 
 def make_folder(root, corrupt: bool = False):
@@ -116,7 +117,7 @@ def test_tame_list_files(tmp_path):
     with pytest.raises(ValueError, match=r"val.txt:1"):
         list_samples(tmp_path / "images", listing)
     data = ImageDataModule(train_dir=str(tmp_path / "images"), train_list=str(tmp_path / "absent.txt"))
-    with pytest.raises(FileNotFoundError, match="absent.txt"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.txt"):
         data.setup("fit")
 
 

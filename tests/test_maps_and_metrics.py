@@ -30,7 +30,8 @@ def test_keep_top_breaks_ties_to_an_exact_count():
 
 
 def test_normalize_is_per_map_and_never_nan():
-    maps = torch.stack([torch.arange(4.0).view(2, 2), torch.full((2, 2), 3.0), torch.tensor([[1.0, float("nan")], [2, 3]])])
+    ramp, constant = torch.arange(4.0).view(2, 2), torch.full((2, 2), 3.0)
+    maps = torch.stack([ramp, constant, torch.tensor([[1.0, float("nan")], [2, 3]])])
     out = normalize(maps)
     torch.testing.assert_close(out[0], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
     assert torch.equal(out[1], torch.zeros(2, 2))
@@ -58,6 +59,8 @@ def test_ad_ic_does_not_depend_on_the_batch_size(tiny_backbone):
     targets = torch.randint(0, 10, (7,))
     with torch.no_grad():
         batched = masked_probability(tiny_backbone, images, maps, targets, 0.15)
-        single = torch.cat([masked_probability(tiny_backbone, images[i : i + 1], maps[i : i + 1], targets[i : i + 1], 0.15)
-                            for i in range(7)])  # fmt: skip
+        one_by_one = [
+            masked_probability(tiny_backbone, images[i, None], maps[i, None], targets[i, None], 0.15) for i in range(7)
+        ]
+    single = torch.cat(one_by_one)
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)

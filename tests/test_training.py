@@ -128,7 +128,7 @@ def test_resuming_from_a_checkpoint_of_another_backbone_is_refused(tmp_path):
     other = [o if o != "backbone.name=test_resnet" else "backbone.name=test_efficientnet" for o in RUN]
     with pytest.raises(IncompatibleCheckpointError, match=r"last.ckpt: .*backbone='test_resnet'.*test_efficientnet"):
         train(compose_train([*other, f"ckpt_path={last}"], tmp_path / "b"))
-    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
         train(compose_train([*RUN, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "c"))
 
 
