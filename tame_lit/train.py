@@ -40,6 +40,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams({"config": settings})
 
     try:
+        if cfg.get("validate_first") and not ckpt_path:
+            baseline = trainer.validate(module, datamodule=datamodule, verbose=False)
+            log.info("untrained head: %s", baseline[0] if baseline else {})
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except IncompatibleCheckpointError as error:
         raise IncompatibleCheckpointError(f"{ckpt_path}: {error}") from None

@@ -173,3 +173,10 @@ def test_a_short_run_on_imagenette_teaches_masks_that_keep_the_prediction(lite0,
     after = agreement()
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 0.3
     assert after > before + 0.1
+
+
+def test_validate_first_logs_the_untrained_baseline_then_trains(tmp_path):
+    train(compose_train([*RUN, "validate_first=true", "trainer.max_steps=2"], tmp_path))
+    rows = [row for row in read_csv_metrics(tmp_path) if row.get("val/AD@15")]
+    assert [int(row["step"]) for row in rows] == [0, 2]  # before training, and after the last step
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -49,9 +49,10 @@ class AverageDropIncrease(Metric):
                 f"expected two [B] probability tensors, got {tuple(clean_prob.shape)} and {tuple(masked_prob.shape)}"
             )
         clean, masked = clean_prob.double(), masked_prob.double()
-        self.drop += ((clean - masked).clamp_min(0) / clean.clamp_min(1e-12)).sum()
-        self.increase += (masked > clean).sum()
-        self.count += clean.numel()
+        # out of place: states reset under inference mode (trainer.validate) stay usable afterwards
+        self.drop = self.drop + ((clean - masked).clamp_min(0) / clean.clamp_min(1e-12)).sum()
+        self.increase = self.increase + (masked > clean).sum()
+        self.count = self.count + clean.numel()
 
     def compute(self) -> dict[str, Tensor]:
         count = self.count.clamp_min(1).double()
