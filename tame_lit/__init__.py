@@ -7,4 +7,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load_explainer"]
+
+
+def __getattr__(name: str):
+    if name == "load_explainer":  # imported lazily: `import tame_lit` stays light
+        from tame_lit.explainers import load_explainer
+
+        return load_explainer
+    raise AttributeError(f"module 'tame_lit' has no attribute {name!r}")

@@ -76,9 +76,12 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.model(self.normalize(images))
 
-    def features(self, images: Tensor, layers: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits and the outputs of ``layers`` from one forward pass (hooks removed afterwards)."""
-        with capture(self.model, layers, self.name) as store:
+    def features(
+        self, images: Tensor, layers: Sequence[str], grad_roots: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits and the outputs of ``layers`` from one forward pass (hooks removed afterwards); see
+        ``features.capture`` for ``grad_roots``."""
+        with capture(self.model, layers, self.name, grad_roots) as store:
             logits = self(images)
         missing = [name for name in layers if name not in store]
         if missing:

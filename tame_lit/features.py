@@ -34,9 +34,10 @@ class _Recorder:
     rather than a closure, so a model with hooks attached can still be pickled (``ddp_spawn``).
     """
 
-    def __init__(self, name: str, store: dict[str, Tensor]) -> None:
+    def __init__(self, name: str, store: dict[str, Tensor], grad_root: bool = False) -> None:
         self.name = name
         self.store = store
+        self.grad_root = grad_root
 
     def __call__(self, module: nn.Module, inputs: tuple, output: object) -> Tensor:
         if not isinstance(output, Tensor):
@@ -49,23 +50,30 @@ class _Recorder:
                 f"layer {self.name!r} ran more than once in one forward pass (the module is reused); "
                 "hook a module that runs once, such as its parent block"
             )
+        if self.grad_root and not output.requires_grad:
+            # start the autograd graph here: gradients w.r.t. this layer need nothing below it
+            output = output.detach().requires_grad_(True)
         self.store[self.name] = output
         return output.clone()
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, layers: Sequence[str], model_name: str = "model") -> Iterator[dict[str, Tensor]]:
+def capture(
+    model: nn.Module, layers: Sequence[str], model_name: str = "model", grad_roots: bool = False
+) -> Iterator[dict[str, Tensor]]:
     """Record the outputs of ``layers`` during forward passes run inside the ``with`` block.
 
-    Yields a dict that fills up as the model runs; clear it between passes. The hooks are removed when
-    the block exits, also when it exits through an exception.
+    Yields a dict that fills up as the model runs; clear it between passes. With ``grad_roots`` (and grad
+    enabled), a captured output that has no autograd history becomes a leaf that requires grad, so
+    ``torch.autograd.grad(score, captured)`` works on a frozen model and never runs backward below the
+    shallowest captured layer. The hooks are removed when the block exits, also through an exception.
     """
     modules = check_layers(model, layers, model_name)
     store: dict[str, Tensor] = {}
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(_Recorder(name, store)))
+            handles.append(module.register_forward_hook(_Recorder(name, store, grad_roots)))
         yield store
     finally:
         for handle in handles:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -11,7 +14,7 @@ from tame_lit.features import preserved_state
 from tame_lit.heads import ExplanationHead, select_classes
 from tame_lit.maps import normalize, upsample
 
-__all__ = ["HeadExplainer", "head_maps"]
+__all__ = ["HeadExplainer", "head_maps", "load_explainer"]
 
 
 def head_maps(head: ExplanationHead, features: dict[str, Tensor], targets: Tensor, size: tuple[int, int]) -> Tensor:
@@ -37,3 +40,15 @@ class HeadExplainer(Explainer):
             if targets is None:
                 targets = logits.argmax(dim=1)
             return head_maps(self.head, features, targets, images.shape[-2:])
+
+
+def load_explainer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> HeadExplainer:
+    """A trained head as an ``Explainer``, from a tame-lit Lightning checkpoint (head-only; the backbone is
+    rebuilt from the checkpoint's config). Read with ``weights_only=True``: nothing in the file runs."""
+    from tame_lit.training import HeadTrainingModule
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"explainer checkpoint not found: {path.resolve()}")
+    module = HeadTrainingModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    return HeadExplainer(module.backbone.eval(), module.head.eval())
