@@ -106,16 +106,17 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-def stage_outputs(model: nn.Module, example: Tensor) -> list[str]:
+def stage_outputs(model: nn.Module, example: Tensor, conv_only: bool = False) -> list[str]:
     """Names of the layers that end each spatial resolution of a CNN, shallow to deep.
 
     A network is read as a chain of steps: the children of the model and, recursively, of its
     ``Sequential`` / ``ModuleList`` containers (conv layers, residual blocks, stages; never the inside of
-    a block). For every resolution the 4-D feature
-    maps pass through, the answer is the last step that outputs it: the tensor that feeds the next
-    down-sampling step, or the last feature map (ResNet-50: relu, layer1, layer2, layer3, layer4; VGG-16:
-    features.3, .8, .15, .22, .29 and the last pool). Runs ``example`` once in eval mode under ``no_grad``;
-    the model's state is left as it was.
+    a block). For every resolution the 4-D feature maps pass through, the answer is the last step that
+    outputs it: the tensor that feeds the next down-sampling, or the last feature map (ResNet-50: relu,
+    layer1, layer2, layer3, layer4; VGG-16: features.3, .8, .15, .22, .29 and the last pool).
+    ``conv_only`` drops resolutions at which no convolution runs (VGG-16's final 7x7 pool output): then
+    the result is SISE's rule, the last layer before each down-sampling plus the last conv output.
+    Runs ``example`` once in eval mode under ``no_grad``; the model's state is left as it was.
     """
     modules = dict(model.named_modules())
 
@@ -127,6 +128,7 @@ def stage_outputs(model: nn.Module, example: Tensor) -> list[str]:
         return isinstance(modules[parent_name], (nn.Sequential, nn.ModuleList)) and is_step(parent_name)
 
     events: list[tuple[str, tuple[int, int]]] = []
+    conv_sizes: set[tuple[int, int]] = set()
 
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
@@ -135,12 +137,17 @@ def stage_outputs(model: nn.Module, example: Tensor) -> list[str]:
 
         return hook
 
+    def record_conv(module: nn.Module, inputs: tuple, output: object) -> None:
+        if isinstance(output, Tensor) and output.dim() == 4:
+            conv_sizes.add(tuple(output.shape[-2:]))
+
     steps = [name for name, module in modules.items() if name and is_step(name)]
     handles = [
         modules[name].register_forward_hook(record(name))
         for name in steps
         if not isinstance(modules[name], _PASS_THROUGH)
     ]
+    handles += [m.register_forward_hook(record_conv) for m in modules.values() if isinstance(m, nn.Conv2d)]
     try:
         with preserved_state(model), torch.no_grad():
             model.eval()
@@ -150,6 +157,8 @@ def stage_outputs(model: nn.Module, example: Tensor) -> list[str]:
             handle.remove()
     last_at_size: dict[tuple[int, int], str] = {}
     for name, size in events:
+        if conv_only and size not in conv_sizes:
+            continue
         last_at_size.pop(size, None)
         last_at_size[size] = name
     last_run = {name: index for index, (name, _) in enumerate(events)}

@@ -92,5 +92,8 @@ def test_stage_outputs_of_standard_cnns():
     assert stage_outputs(resnet, example) == ["relu", "layer1", "layer2", "layer3", "layer4"]
     assert resnet.training  # the dry run does not leave the model in eval mode
     vgg = torchvision.models.vgg16()
-    assert stage_outputs(vgg, example)[:5] == ["features.3", "features.8", "features.15", "features.22", "features.29"]
+    sise_layers = ["features.3", "features.8", "features.15", "features.22", "features.29"]
+    assert stage_outputs(vgg, example) == [*sise_layers, "features"]  # + the final 7x7 pool output
+    assert stage_outputs(vgg, example, conv_only=True) == sise_layers
+    assert stage_outputs(resnet, example, conv_only=True) == ["relu", "layer1", "layer2", "layer3", "layer4"]
     assert count_hooks(resnet) == 0 and count_hooks(vgg) == 0
