@@ -1,5 +1,6 @@
-"""Running a frozen network safely: capture named layers with forward hooks, find its stage outputs,
-and leave it exactly as it was found (hooks, train/eval modes, ``requires_grad`` flags)."""
+"""Running a frozen network safely: capture named layers with forward hooks, find its stage outputs, cut
+out the part after a layer, and leave it exactly as it was found (hooks, train/eval modes, ``requires_grad``
+flags)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["capture", "check_layers", "count_hooks", "preserved_state", "stage_outputs"]
+__all__ = ["capture", "check_layers", "count_hooks", "model_tail", "preserved_state", "stage_outputs"]
 
 
 def check_layers(model: nn.Module, layers: Sequence[str], model_name: str = "model") -> dict[str, nn.Module]:
@@ -163,3 +165,56 @@ def stage_outputs(model: nn.Module, example: Tensor, conv_only: bool = False) ->
         last_at_size[size] = name
     last_run = {name: index for index, (name, _) in enumerate(events)}
     return sorted(set(last_at_size.values()), key=last_run.__getitem__)
+
+
+class _TailTracer(torch.fx.Tracer):
+    """Traces only the modules that contain ``layer``; every other module (``layer`` included) is one opaque
+    call, so code that fx cannot trace is harmless unless it sits on the path down to ``layer``."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        parts = layer.split(".")
+        self.ancestors = {".".join(parts[:end]) for end in range(1, len(parts))}
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name not in self.ancestors
+
+
+def model_tail(model: nn.Module, layer: str) -> nn.Module | None:
+    """A module computing ``model``'s output from the output of ``layer``, or ``None`` if there is none.
+
+    Methods that perturb one layer's activations (Ablation-CAM) then re-run only what follows the layer, not
+    the whole network. The tail calls the model's own modules: parameters are shared (never copied) and
+    train/eval modes are the model's. ``None`` when tracing fails (data-dependent control flow on the path to
+    ``layer``), when ``layer`` runs more than once, or when the output also depends on the input other than
+    through ``layer`` (a skip connection around it, as for a conv inside a residual block): only the full
+    forward pass is right then. The input is cloned first, so an in-place op after ``layer`` (``ReLU(inplace)``)
+    never changes the caller's tensor. Python branches on ``self.training`` are fixed at the mode the model had
+    when the tail was built.
+    """
+    check_layers(model, [layer])
+    try:
+        graph = _TailTracer(layer).trace(model)
+    except Exception:  # fx raises many kinds (TraceError, TypeError, RuntimeError...) on untraceable code
+        return None
+    calls = [node for node in graph.nodes if node.op == "call_module" and node.target == layer]
+    if len(calls) != 1:
+        return None
+    start = calls[0]
+    # what the output needs, walking back from it and stopping at the layer
+    needed: set[torch.fx.Node] = set()
+    pending = [graph.output_node()]
+    while pending:
+        node = pending.pop()
+        if node not in needed:
+            needed.add(node)
+            if node is not start:
+                pending.extend(node.all_input_nodes)
+    if start not in needed or any(node.op == "placeholder" for node in needed):
+        return None
+    tail = torch.fx.Graph()
+    copies = {start: tail.call_method("clone", (tail.placeholder("activation"),))}
+    for node in graph.nodes:  # topological order
+        if node in needed and node is not start:
+            copies[node] = tail.node_copy(node, copies.__getitem__)
+    return torch.fx.GraphModule(model, tail, class_name=f"{type(model).__name__}Tail")

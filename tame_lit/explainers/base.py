@@ -23,7 +23,7 @@ class Explainer:
     ``images``: float ``[B, 3, H, W]`` in [0, 1] on any device; ``targets``: ``LongTensor[B]`` of class
     indices, or ``None`` for each image's top-1 class. Returns float32 ``[B, H, W]`` maps in [0, 1] on the
     images' device. Subclasses implement ``explain(images, targets)``; this class checks the inputs, runs
-    it with the backbone's state (train/eval modes, ``requires_grad``) restored afterwards, enables
+    it with the backbone in eval mode and its state (modes, ``requires_grad``) restored afterwards, enables
     gradients for methods that need them (also inside ``inference_mode``/``no_grad``), and checks the
     result. Maps are computed in float32, also under autocast.
     """
@@ -43,6 +43,9 @@ class Explainer:
         if targets is not None:
             targets = self.check_targets(targets, images.shape[0]).to(images.device)
         with preserved_state(self.backbone), contextlib.ExitStack() as stack:
+            # explain the model as it predicts: eval mode (batch-norm statistics of a batch of masked
+            # images would make a map depend on the others); the caller's modes come back on exit
+            self.backbone.eval()
             if self.needs_gradients:
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.enable_grad())

@@ -35,7 +35,6 @@ class HeadExplainer(Explainer):
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         with preserved_state(self.head):  # the backbone's state is restored by Explainer.__call__
             self.head.eval()
-            self.backbone.eval()
             logits, features = self.backbone.features(images, self.head.layers)
             if targets is None:
                 targets = logits.argmax(dim=1)

@@ -1,0 +1,139 @@
+"""Explanations per second of every explainer, next to the plain forward and to pytorch-grad-cam.
+
+Same model, same layer, same images (real photos from ../shared/data when present), same targets (the
+top-1 class). Fast methods (one forward and at most one backward) run on a batch of ``--batch`` images;
+the perturbation methods (Score-CAM, Ablation-CAM, RISE, SISE), whose cost is hundreds to thousands of
+forward passes per image, on ``--slow-batch`` images. pytorch-grad-cam (``pip install grad-cam``, an
+optional benchmark dependency) is measured for the methods it also has, when it is installed.
+
+    python benchmarks/explainer_throughput.py [--device cuda] [--batch 16] [--slow-batch 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tame_lit import backbones, explainers
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+SLOW = {"scorecam", "ablationcam", "rise", "sise"}
+GRAD_CAM_CLASSES = {
+    "gradcam": "GradCAM",
+    "gradcampp": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
+}
+
+
+def photos(count: int, size: int) -> torch.Tensor:
+    from tame_lit.data import ImageDataset, eval_transform, folder_samples
+
+    if not SAMPLE.is_dir():
+        return torch.rand(count, 3, size, size)
+    samples, _ = folder_samples(SAMPLE)
+    dataset = ImageDataset(samples[:: len(samples) // count][:count], eval_transform(256 * size // 224, size))
+    return torch.stack([dataset[i][0] for i in range(count)])
+
+
+def seconds(call: Callable[[], object], repeats: int, device: str) -> float:
+    """Mean seconds per call after one warm-up call."""
+    call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def grad_cam_call(name: str, backbone: backbones.Backbone, layer: str, images: torch.Tensor, targets: torch.Tensor):
+    """A pytorch-grad-cam call set up as its README and issues advise (one target per image, input
+    requiring grad for a frozen model), or None when the package is absent."""
+    try:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        return None
+    method = getattr(pytorch_grad_cam, GRAD_CAM_CLASSES[name])
+    cam = method(model=backbone, target_layers=[backbone.layer(layer)])
+    if name == "scorecam":
+        cam.batch_size = 64
+    if name == "ablationcam":
+        cam.batch_size = 64
+    wanted = [ClassifierOutputTarget(int(t)) for t in targets]
+
+    def call() -> object:
+        return cam(input_tensor=images.clone().requires_grad_(True), targets=wanted)
+
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    parser.add_argument("--methods", nargs="+", default=[m for m in explainers.available() if m != "random"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--slow-batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rise-masks", type=int, default=4000)
+    parser.add_argument("--no-grad-cam", action="store_true", help="skip pytorch-grad-cam")
+    args = parser.parse_args()
+    try:
+        import importlib.metadata
+
+        grad_cam_version = importlib.metadata.version("grad-cam")
+    except importlib.metadata.PackageNotFoundError:
+        grad_cam_version = "not installed"
+
+    rows = []
+    for backbone_name in args.backbones:
+        weights = "imagenet" if backbone_name == "efficientnet_lite0" else None
+        backbone = backbones.create(backbone_name, weights=weights).to(args.device)
+        fast_images = photos(args.batch, args.size).to(args.device)
+        with torch.inference_mode():
+            forward = args.batch / seconds(lambda b=backbone, x=fast_images: b(x), args.repeats, args.device)
+        rows.append((backbone_name, "plain forward", f"{forward:.1f}", "1.00", "", ""))
+        for name in args.methods:
+            slow = name in SLOW
+            images = fast_images[: args.slow_batch] if slow else fast_images
+            repeats = 1 if slow else args.repeats
+            options = {"num_masks": args.rise_masks} if name == "rise" else {}
+            explainer = explainers.create(name, backbone, **options)
+            mine = images.shape[0] / seconds(lambda e=explainer, x=images: e(x), repeats, args.device)
+            theirs = ""
+            if name in GRAD_CAM_CLASSES and not args.no_grad_cam:
+                with torch.no_grad():
+                    targets = backbone(images).argmax(dim=1)
+                layer = getattr(explainer, "layers", (backbone.cam_layer,))[0]
+                call = grad_cam_call(name, backbone, layer, images, targets)
+                if call is not None:
+                    theirs = images.shape[0] / seconds(call, repeats, args.device)
+            ratio = f"{mine / theirs:.1f}x" if theirs else ""
+            theirs_text = f"{theirs:.3g}" if theirs else ""
+            rows.append((backbone_name, name, f"{mine:.3g}", f"{mine / forward:.3f}", theirs_text, ratio))
+            print(f"{backbone_name:>18} {name:>18}: {mine:.3g}/s {theirs_text}", flush=True)
+
+    print(
+        f"\ndevice={args.device} batch={args.batch} (perturbation methods: {args.slow_batch}) size={args.size}px "
+        f"torch={torch.__version__} grad-cam={grad_cam_version} RISE masks={args.rise_masks}"
+    )
+    columns = ["backbone", "method", "tame-lit (explanations/s)", "ratio to plain forward", "pytorch-grad-cam (/s)"]
+    print("| " + " | ".join([*columns, "speed-up"]) + " |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""What every registered explainer promises, checked on a tiny real CNN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tame_lit import backbones, explainers
+from tame_lit.features import count_hooks
+from tests.helpers import TINY_BACKBONE
+
+# small settings so that each method runs in about a second on a CPU
+FAST = {
+    "rise": {"num_masks": 48, "batch_size": 32},
+    "scorecam": {"batch_size": 64},
+    "sise": {"batch_size": 128},
+}
+ALL = explainers.available()
+
+
+@pytest.fixture(scope="module")
+def backbone() -> backbones.Backbone:
+    torch.manual_seed(0)
+    return backbones.create(**TINY_BACKBONE)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def make(name: str, backbone: backbones.Backbone) -> explainers.Explainer:
+    return explainers.create(name, backbone, **FAST.get(name, {}))
+
+
+def test_the_registry_has_every_method_of_the_issue():
+    assert set(ALL) >= {"gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "ablationcam", "rise", "sise",
+                        "ge", "attention_gradcam", "sacam_posthoc", "random"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_maps_are_float32_in_unit_range_and_batch_independent(name, backbone, images):
+    explainer = make(name, backbone)
+    maps = explainer(images)
+    assert maps.shape == (8, 64, 64) and maps.dtype == torch.float32 and maps.device == images.device
+    assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    alone = torch.cat([explainer(images[i, None]) for i in (0, 5)])
+    torch.testing.assert_close(alone, maps[[0, 5]], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_model_state_and_hooks_are_unchanged_also_when_a_call_raises(name, backbone, images):
+    explainer = make(name, backbone)
+    model = backbone.model
+    model.layer3.train()  # an unusual mix of modes and flags that must survive the call
+    model.layer2[0].conv1.weight.requires_grad_(True)
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        explainer(images[:2], torch.tensor([1, 2]))
+        assert count_hooks(model) == 0
+        with pytest.raises(ValueError, match=r"\[0, 10\)"):
+            explainer(images[:2], torch.tensor([1, 10]))
+        with pytest.raises(ValueError, match="2 class indices"):
+            explainer(images[:2], torch.tensor([1, 2, 3]))
+
+        def boom(module, inputs, output):
+            raise RuntimeError("boom")
+
+        handle = model.layer4.register_forward_hook(boom)
+        try:
+            if name != "random":  # the random baseline never runs the model
+                with pytest.raises(RuntimeError, match="boom"):
+                    explainer(images[:2])
+        finally:
+            handle.remove()
+        assert count_hooks(model) == 0
+        assert [m.training for m in model.modules()] == modes
+        assert [p.requires_grad for p in model.parameters()] == flags
+    finally:
+        model.layer3.eval()
+        model.layer2[0].conv1.weight.requires_grad_(False)
+        model.layer2[0].conv1.weight.grad = None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_works_inside_inference_mode_no_grad_and_autocast(name, backbone, images):
+    explainer = make(name, backbone)
+    reference = explainer(images[:2])
+    with torch.inference_mode():
+        torch.testing.assert_close(explainer(images[:2]), reference, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(explainer(images[:2]), reference, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = explainer(images[:2])
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all() and 0 <= mixed.min() <= mixed.max() <= 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_degenerate_inputs_give_zeros_not_nan(name, backbone):
+    maps = make(name, backbone)(torch.zeros(2, 3, 64, 64))
+    assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+
+
+def test_every_explainer_has_a_config_that_builds_it(backbone):
+    import yaml
+
+    from tame_lit.config import config_dir
+
+    folder = Path(config_dir()) / "explainer"
+    assert sorted(path.stem for path in folder.glob("*.yaml")) == sorted(ALL)
+    for path in folder.glob("*.yaml"):
+        options = yaml.safe_load(path.read_text())
+        name = options.pop("name")
+        assert name == path.stem
+        explainer = explainers.create(name, backbone, **options)
+        assert isinstance(explainer, explainers.Explainer)
