@@ -104,14 +104,18 @@ def masked_input(backbone: Backbone, images: torch.Tensor, masks: torch.Tensor, 
 
 
 @pytest.mark.parametrize("baseline", ["mean", "black"])
-def test_rise_matches_its_formula_and_batches_its_forward_passes(baseline):
+@pytest.mark.parametrize("center_scores", [False, True])
+def test_rise_matches_its_formula_and_batches_its_forward_passes(baseline, center_scores):
     backbone, w, counter = linear_toy()
-    rise = RISE(backbone, num_masks=30, cell_size=3, probability=0.4, seed=5, batch_size=7, baseline=baseline)
+    rise = RISE(backbone, num_masks=30, cell_size=3, probability=0.4, seed=5, batch_size=7, baseline=baseline,
+                center_scores=center_scores)  # fmt: skip
     images, targets = torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 0])
     masks = rise.masks(8, 8).double()  # [N, 8, 8]
     seen = masked_input(backbone, images.double()[:, None], masks[None, :, None], baseline)  # [B, N, 3, 8, 8]
     logit = seen.flatten(2) @ w  # [B, N]
     score = torch.sigmoid(torch.where(targets[:, None] == 0, logit, -logit))
+    if center_scores:  # p - mean(p): the same map up to a constant, without the masks' coverage noise
+        score = score - score.mean(dim=1, keepdim=True)
     expected = torch.einsum("bn,nhw->bhw", score, masks) / (30 * 0.4)
 
     with torch.no_grad():
