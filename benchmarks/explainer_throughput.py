@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import steady_allocator
 
 from tame_lit import backbones, explainers
 
@@ -42,9 +43,10 @@ def photos(count: int, size: int) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(count)])
 
 
-def seconds(call: Callable[[], object], repeats: int, device: str) -> float:
-    """Mean seconds per call after one warm-up call."""
-    call()
+def seconds(call: Callable[[], object], repeats: int, device: str, warm_up: bool = True) -> float:
+    """Mean seconds per call (after one warm-up call, unless the call is minutes long anyway)."""
+    if warm_up:
+        call()
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -78,6 +80,7 @@ def grad_cam_call(name: str, backbone: backbones.Backbone, layer: str, images: t
 
 
 def main() -> None:
+    steady_allocator()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
@@ -110,7 +113,7 @@ def main() -> None:
             repeats = 1 if slow else args.repeats
             options = {"num_masks": args.rise_masks} if name == "rise" else {}
             explainer = explainers.create(name, backbone, **options)
-            mine = images.shape[0] / seconds(lambda e=explainer, x=images: e(x), repeats, args.device)
+            mine = images.shape[0] / seconds(lambda e=explainer, x=images: e(x), repeats, args.device, not slow)
             theirs = ""
             if name in GRAD_CAM_CLASSES and not args.no_grad_cam:
                 with torch.no_grad():
@@ -118,7 +121,7 @@ def main() -> None:
                 layer = getattr(explainer, "layers", (backbone.cam_layer,))[0]
                 call = grad_cam_call(name, backbone, layer, images, targets)
                 if call is not None:
-                    theirs = images.shape[0] / seconds(call, repeats, args.device)
+                    theirs = images.shape[0] / seconds(call, repeats, args.device, not slow)
             ratio = f"{mine / theirs:.1f}x" if theirs else ""
             theirs_text = f"{theirs:.3g}" if theirs else ""
             rows.append((backbone_name, name, f"{mine:.3g}", f"{mine / forward:.3f}", theirs_text, ratio))

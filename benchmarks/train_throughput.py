@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import steady_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
@@ -107,6 +108,7 @@ def loading(batch: int, workers: int, batches: int) -> float:
 
 
 def main() -> None:
+    steady_allocator()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=16)

@@ -182,3 +182,24 @@ def test_validate_first_logs_the_untrained_baseline_then_trains(tmp_path):
     trained = [index for index, row in enumerate(rows) if row.get("train/loss")]
     assert len(validated) == 2 and validated[0] < trained[0] <= trained[-1] < validated[1]  # baseline, train, final
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_checkpoint_loads_as_an_explainer(tmp_path):
+    import tame_lit
+    from tame_lit.explainers import HeadExplainer
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pth"  # a weights file, so the reloaded backbone is the same network
+    torch.save(HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}).backbone.model.state_dict(), weights)
+    module = HeadTrainingModule({**TINY_BACKBONE, "weights": str(weights)}, {"name": "tame"})
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, tiny_data())
+    trainer.save_checkpoint(tmp_path / "head.ckpt")
+
+    explainer = tame_lit.load_explainer(tmp_path / "head.ckpt")
+    assert isinstance(explainer, HeadExplainer)
+    images = torch.rand(3, 3, 64, 64)
+    targets = torch.tensor([0, 4, 9])
+    torch.testing.assert_close(explainer(images, targets), module.explainer(images, targets))
+    with pytest.raises(FileNotFoundError, match=r"nothing\.ckpt"):
+        tame_lit.load_explainer(tmp_path / "nothing.ckpt")

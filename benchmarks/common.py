@@ -1,0 +1,18 @@
+"""Shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# glibc hands every tensor above 32 MB back to the kernel when it is freed (mmap/munmap), and the next
+# allocation of it page-faults again: on the 2-core CI machine that was about 3/4 of the CPU time of a
+# batch-64 forward pass, and it made timings jump by 2x from one call to the next. Keeping freed memory
+# in the heap measures the computation, for every library alike (jemalloc or tcmalloc do the same).
+STEADY_ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def steady_allocator() -> None:
+    """Re-run this script with the allocator settings above, unless they are set (call it first)."""
+    if any(os.environ.get(key) != value for key, value in STEADY_ALLOCATOR.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_ALLOCATOR})
