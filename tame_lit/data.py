@@ -18,12 +18,14 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
 __all__ = [
+    "BoxSource",
     "EmbeddedDataModule",
+    "EvenlySplitSampler",
     "ImageDataModule",
     "ImageDataset",
     "UnreadableImageWarning",
@@ -35,6 +37,7 @@ __all__ = [
     "list_samples",
     "load_rgb",
     "train_transform",
+    "visible_boxes",
 ]
 
 Sample = tuple[str, int]
@@ -90,27 +93,43 @@ def eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
 
 
 class ImageDataset(Dataset):
-    """``(path, label)`` samples, decoded robustly: an unreadable file yields ``None`` and a warning."""
+    """``(path, label)`` samples, decoded robustly: an unreadable file yields ``None`` and a warning.
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, draft_size: int | None = None) -> None:
+    Items are ``(image, label, index)``, or ``(image, label, index, boxes)`` with ``boxes`` (a
+    ``BoxSource``): the image's bounding boxes ``[n, 5]`` (class, x0, y0, x1, y1), moved by the same
+    resize and crop as the image.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        draft_size: int | None = None,
+        boxes: BoxSource | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.draft_size = draft_size
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+    def __getitem__(self, index: int) -> tuple | None:
         path, label = self.samples[index]
         try:
             image = load_rgb(path, self.draft_size)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
             warnings.warn(f"skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=2)
             return None
-        return self.transform(image), label, index
+        if self.boxes is None:
+            return self.transform(image), label, index
+        classes, boxes = self.boxes.for_image(path, image.size)
+        tensor, moved = self.transform(image, boxes)
+        return tensor, label, index, visible_boxes(classes, moved)
 
 
-def collate(items: Sequence[tuple[torch.Tensor, int, int] | None]) -> dict[str, object]:
+def collate(items: Sequence[tuple | None]) -> dict[str, object]:
     """Stack readable items; count the unreadable ones so the training loop can log them."""
     kept = [item for item in items if item is not None]
     if not kept:
@@ -120,13 +139,16 @@ def collate(items: Sequence[tuple[torch.Tensor, int, int] | None]) -> dict[str, 
             "indices": torch.zeros(0, dtype=torch.long),
             "skipped": len(items),
         }
-    images, labels, indices = zip(*kept, strict=True)
-    return {
-        "images": torch.stack(images),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "indices": torch.tensor(indices, dtype=torch.long),
+    columns = list(zip(*kept, strict=True))
+    batch = {
+        "images": torch.stack(columns[0]),
+        "labels": torch.tensor(columns[1], dtype=torch.long),
+        "indices": torch.tensor(columns[2], dtype=torch.long),
         "skipped": len(items) - len(kept),
     }
+    if len(columns) > 3:
+        batch["boxes"] = list(columns[3])
+    return batch
 
 
 @cache
@@ -179,6 +201,85 @@ def folder_samples(root: str | os.PathLike, class_index: str = "auto") -> tuple[
     except FileNotFoundError as error:
         raise FileNotFoundError(f"no images found in {path.resolve()}: {error}") from error
     return samples, classes
+
+
+class BoxSource:
+    """Bounding boxes in ImageNet's validation XML format (PASCAL VOC): one ``<image stem>.xml`` per image
+    in ``root`` (as ``LOC_val``/``Annotations/CLS-LOC/val``) or in ``root/<class folder>/``.
+
+    Object names that are WordNet ids get ImageNet class indices; other names the index ``class_index``
+    gives them (e.g. the dataset's folder order), else -1. Boxes are scaled to the decoded image's size,
+    so images stored smaller than the annotated originals (Imagenette, JPEG draft decoding) still fit.
+    """
+
+    def __init__(self, root: str | os.PathLike, class_index: dict[str, int] | None = None) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.boxes_dir: box directory not found: {self.root.resolve()}")
+        self.class_index = {**(class_index or {}), **_imagenet_info()[0]}
+
+    def path_for(self, image_path: str | os.PathLike) -> Path:
+        image_path = Path(image_path)
+        for candidate in (
+            self.root / f"{image_path.stem}.xml",
+            self.root / image_path.parent.name / f"{image_path.stem}.xml",
+        ):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"no box file for {image_path}: expected {self.root / (image_path.stem + '.xml')} "
+            f"or {self.root / image_path.parent.name / (image_path.stem + '.xml')}"
+        )
+
+    def check(self, image_paths: Sequence[str]) -> None:
+        """Fail before any work when images lack a box file, naming the first few."""
+        missing = []
+        for path in image_paths:
+            try:
+                self.path_for(path)
+            except FileNotFoundError:
+                missing.append(str(path))
+        if missing:
+            raise FileNotFoundError(
+                f"data.boxes_dir={self.root}: no <image stem>.xml box file for {len(missing)} of {len(image_paths)} "
+                f"images, e.g. {missing[:3]}; point data.boxes_dir at the XML folder or set it to null"
+            )
+
+    def for_image(self, image_path: str | os.PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, object]:
+        """Class indices ``[n]`` and ``tv_tensors.BoundingBoxes`` (XYXY, continuous pixel edges) on an image
+        of ``size`` = (width, height)."""
+        import xml.etree.ElementTree as ElementTree
+
+        from torchvision import tv_tensors
+
+        xml_path = self.path_for(image_path)
+        try:
+            root = ElementTree.parse(xml_path).getroot()
+            width = float(root.findtext("size/width") or size[0])
+            height = float(root.findtext("size/height") or size[1])
+            classes, coordinates = [], []
+            for obj in root.iter("object"):
+                box = obj.find("bndbox")
+                x0, y0, x1, y1 = (float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax"))
+                classes.append(self.class_index.get((obj.findtext("name") or "").strip(), -1))
+                coordinates.append([x0 - 1, y0 - 1, x1, y1])  # 1-based inclusive pixels -> pixel edges
+        except (ElementTree.ParseError, AttributeError, TypeError, ValueError) as error:
+            raise ValueError(f"{xml_path}: not a PASCAL VOC / ImageNet box file ({error})") from error
+        scale = torch.tensor([size[0] / width, size[1] / height] * 2)
+        boxes = torch.tensor(coordinates, dtype=torch.float32).view(-1, 4) * scale
+        return torch.tensor(classes, dtype=torch.long), tv_tensors.BoundingBoxes(
+            boxes, format="XYXY", canvas_size=(size[1], size[0])
+        )
+
+
+def visible_boxes(classes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``[n, 5]`` (class, x0, y0, x1, y1) clipped to the (cropped) canvas; boxes cropped away are dropped."""
+    height, width = boxes.canvas_size
+    xyxy = boxes.as_subclass(torch.Tensor).float().clone()
+    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
+    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    return torch.cat([classes[keep, None].float(), xyxy[keep]], dim=1)
 
 
 def list_samples(root: str | os.PathLike, list_file: str | os.PathLike) -> list[Sample]:
@@ -235,83 +336,130 @@ def embedded_samples() -> list[Sample]:
     return samples
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Train/val images from ImageFolder trees or TAME list files.
+class EvenlySplitSampler(DistributedSampler):
+    """Each process gets indices ``rank::world_size`` of the dataset, in order, none repeated.
 
-    ``train_dir``/``val_dir``: folders in ImageFolder layout (ImageNet's ``train/``, ``val/`` after the
-    usual class-folder arrangement), or image roots for ``train_list``/``val_list`` ("path label" files).
-    ``limit_train``/``limit_val`` keep the first N images (in folder/list order).
+    torch's ``DistributedSampler`` pads the last round with repeated images so every process has as many;
+    evaluation then counts those images twice. Metrics with sum states need every image exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images from ImageFolder trees or TAME list files.
+
+    ``root``: the images to evaluate on (validation during training, the set ``evaluate.py`` scores), an
+    ImageFolder tree (``root/<class>/<image>``, ImageNet's ``val/`` after the usual class-folder
+    arrangement) or, with ``list_file``, the folder its ``path label`` lines are relative to; ``limit`` keeps
+    the first N images in folder/list order. ``train_root``/``train_list``/``train_limit``: the same for the
+    training images. ``boxes_dir``: bounding boxes of the ``root`` images (ImageNet validation XML), for
+    the pointing games. ``eval_batch_size`` defaults to ``batch_size``.
     """
 
     def __init__(
         self,
-        train_dir: str | None = None,
-        val_dir: str | None = None,
+        root: str | None = None,
+        train_root: str | None = None,
+        list_file: str | None = None,
         train_list: str | None = None,
-        val_list: str | None = None,
+        limit: int | None = None,
+        train_limit: int | None = None,
+        boxes_dir: str | None = None,
         batch_size: int = 32,
-        val_batch_size: int | None = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 4,
         resize_size: int = 256,
         crop_size: int = 224,
-        limit_train: int | None = None,
-        limit_val: int | None = None,
         class_index: str = "auto",
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
+        self.eval_dataset: Dataset | None = None
+        self.class_names: list[str] | None = None
 
     def _samples(self, split: str) -> list[Sample] | None:
-        folder, list_file = getattr(self.hparams, f"{split}_dir"), getattr(self.hparams, f"{split}_list")
+        train = split == "train"
+        folder = self.hparams.train_root if train else self.hparams.root
+        list_file = self.hparams.train_list if train else self.hparams.list_file
         if folder is None:
             if list_file is not None:
-                raise ValueError(f"data.{split}_list needs data.{split}_dir, the folder its paths are relative to")
+                keys = ("train_list", "train_root") if train else ("list_file", "root")
+                raise ValueError(f"data.{keys[0]} needs data.{keys[1]}, the folder its paths are relative to")
             return None
         if list_file is not None:
             return list_samples(folder, list_file)
-        return folder_samples(folder, self.hparams.class_index)[0]
+        samples, classes = folder_samples(folder, self.hparams.class_index)
+        if not train:
+            self.class_names = classes
+        return samples
 
     def _dataset(self, split: str, transform: Callable) -> Dataset | None:
         samples = self._samples(split)
         if samples is None:
             return None
-        dataset: Dataset = ImageDataset(samples, transform, draft_size=self.hparams.resize_size)
-        limit = getattr(self.hparams, f"limit_{split}")
+        limit = self.hparams.train_limit if split == "train" else self.hparams.limit
         if limit is not None:
-            dataset = Subset(dataset, range(min(int(limit), len(samples))))
-        return dataset
+            if int(limit) < 1:
+                raise ValueError(f"data.{'train_limit' if split == 'train' else 'limit'} must be >= 1, got {limit}")
+            samples = samples[: int(limit)]
+        boxes = None
+        if split == "eval" and self.hparams.boxes_dir:
+            folder_index = {name: index for index, name in enumerate(self.class_names or [])}
+            boxes = BoxSource(self.hparams.boxes_dir, folder_index)
+            boxes.check([path for path, _ in samples])
+        return ImageDataset(samples, transform, draft_size=self.hparams.resize_size, boxes=boxes)
 
     def setup(self, stage: str | None = None) -> None:
         size = (self.hparams.resize_size, self.hparams.crop_size)
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._dataset("train", train_transform(*size))
             if self.train_dataset is None:
-                raise ValueError("training needs data.train_dir (a folder of images)")
-        if self.val_dataset is None:
-            self.val_dataset = self._dataset("val", eval_transform(*size))
+                raise ValueError("training needs data.train_root (a folder of images)")
+        if self.eval_dataset is None:
+            self.eval_dataset = self._dataset("eval", eval_transform(*size))
+            if self.eval_dataset is None and stage in ("test", "predict"):
+                raise ValueError("evaluation needs data.root (a folder of images)")
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=collate,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )
 
+    @property
+    def eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_dataset is None:
+        if self.eval_dataset is None:
             return []
-        return self._loader(self.val_dataset, self.hparams.val_batch_size or self.hparams.batch_size, shuffle=False)
+        return self._loader(self.eval_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Every image exactly once, also across processes (see ``EvenlySplitSampler``)."""
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = EvenlySplitSampler(self.eval_dataset)
+        return self._loader(self.eval_dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
 
 
 class EmbeddedDataModule(ImageDataModule):

@@ -116,7 +116,7 @@ def test_lite0_wheel_weights_are_mapped_in_order(lite0):
 
 @pytest.mark.real
 def test_lite0_top1_on_the_imagenet_sample(lite0, shared_data):
-    data = ImageDataModule(val_dir=str(shared_data / "imagenet-sample"), batch_size=50, num_workers=2)
+    data = ImageDataModule(root=str(shared_data / "imagenet-sample"), batch_size=50, num_workers=2)
     data.setup("validate")
     correct = total = 0
     with torch.inference_mode():

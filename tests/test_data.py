@@ -67,7 +67,7 @@ def test_unreadable_files_are_skipped_with_a_warning_and_counted(tmp_path):
     assert batch["images"].shape == (6, 3, 32, 32) and batch["skipped"] == 2
     assert set(batch["labels"].tolist()) == {0, 217}
 
-    data = ImageDataModule(train_dir=str(tmp_path), batch_size=4, num_workers=0, resize_size=32, crop_size=32)
+    data = ImageDataModule(train_root=str(tmp_path), batch_size=4, num_workers=0, resize_size=32, crop_size=32)
     data.setup("fit")
     with pytest.warns(UnreadableImageWarning):
         batches = list(data.train_dataloader())
@@ -94,16 +94,16 @@ def test_wordnet_folders_get_imagenet_indices_and_other_folders_their_order(tmp_
 
 
 def test_missing_or_empty_directories_fail_at_setup_naming_the_path(tmp_path):
-    data = ImageDataModule(train_dir=str(tmp_path / "absent"), num_workers=0)
+    data = ImageDataModule(train_root=str(tmp_path / "absent"), num_workers=0)
     with pytest.raises(FileNotFoundError, match="absent"):
         data.setup("fit")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
-        ImageDataModule(train_dir=str(tmp_path / "empty"), num_workers=0).setup("fit")
+        ImageDataModule(train_root=str(tmp_path / "empty"), num_workers=0).setup("fit")
     (tmp_path / "noimages" / "class_a").mkdir(parents=True)
     (tmp_path / "noimages" / "class_a" / "notes.txt").write_text("hello")
     with pytest.raises(FileNotFoundError, match="noimages"):
-        ImageDataModule(train_dir=str(tmp_path / "noimages"), num_workers=0).setup("fit")
+        ImageDataModule(train_root=str(tmp_path / "noimages"), num_workers=0).setup("fit")
 
 
 def test_tame_list_files(tmp_path):
@@ -116,16 +116,16 @@ def test_tame_list_files(tmp_path):
     listing.write_text("n01440764/0.jpg zero\n")
     with pytest.raises(ValueError, match=r"val.txt:1"):
         list_samples(tmp_path / "images", listing)
-    data = ImageDataModule(train_dir=str(tmp_path / "images"), train_list=str(tmp_path / "absent.txt"))
+    data = ImageDataModule(train_root=str(tmp_path / "images"), train_list=str(tmp_path / "absent.txt"))
     with pytest.raises(FileNotFoundError, match=r"absent\.txt"):
         data.setup("fit")
 
 
 def test_limit_keeps_the_first_images(tmp_path):
     make_folder(tmp_path)
-    data = ImageDataModule(val_dir=str(tmp_path), limit_val=4, num_workers=0, resize_size=16, crop_size=16)
+    data = ImageDataModule(root=str(tmp_path), limit=4, num_workers=0, resize_size=16, crop_size=16)
     data.setup("validate")
-    assert len(data.val_dataset) == 4
+    assert len(data.eval_dataset) == 4
 
 
 def test_embedded_default_photos_load_from_installed_packages():
@@ -134,7 +134,7 @@ def test_embedded_default_photos_load_from_installed_packages():
     assert any("skimage" in path for path, _ in samples) and any("matplotlib" in path for path, _ in samples)
     data = EmbeddedDataModule(repeats=3, batch_size=64, num_workers=0, resize_size=40, crop_size=32)
     data.setup("fit")
-    assert len(data.train_dataset) == 3 * len(samples) and len(data.val_dataset) == len(samples)
+    assert len(data.train_dataset) == 3 * len(samples) and len(data.eval_dataset) == len(samples)
     batch = next(iter(data.val_dataloader()))
     assert batch["images"].shape == (len(samples), 3, 32, 32) and batch["skipped"] == 0
     assert batch["images"].min() >= 0 and batch["images"].max() <= 1

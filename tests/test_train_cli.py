@@ -88,7 +88,7 @@ def test_wandb_logs_offline_without_a_login_or_a_prompt(tmp_path):
 
 
 def test_bad_input_fails_with_a_message_naming_it(tmp_path):
-    result = run_cli([*TINY_OVERRIDES, "data=folder", f"data.train_dir={tmp_path / 'no_such_dir'}"], cwd=tmp_path)
+    result = run_cli([*TINY_OVERRIDES, "data=folder", f"data.train_root={tmp_path / 'no_such_dir'}"], cwd=tmp_path)
     assert result.returncode != 0 and "no_such_dir" in result.stderr
     result = run_cli([*TINY_OVERRIDES, "backbone.layers=[layer2,layer99]"], cwd=tmp_path)
     assert result.returncode != 0

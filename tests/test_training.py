@@ -145,8 +145,8 @@ def test_a_short_run_on_imagenette_teaches_masks_that_keep_the_prediction(lite0,
     torch.manual_seed(0)
     module = HeadTrainingModule({"name": "efficientnet_lite0"}, {"name": "tame"}, optimizer={"max_lr": 1e-2})
     data = ImageDataModule(
-        train_dir=str(shared_data / "imagenette" / "train"), val_dir=str(shared_data / "imagenette" / "val"),
-        batch_size=8, num_workers=2, resize_size=182, crop_size=160, limit_val=96,
+        train_root=str(shared_data / "imagenette" / "train"), root=str(shared_data / "imagenette" / "val"),
+        batch_size=8, num_workers=2, resize_size=182, crop_size=160, limit=96,
     )  # fmt: skip
     data.setup("fit")
 
