@@ -9,13 +9,9 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from tame_lit.maps import keep_top
+from tame_lit.metrics.base import class_probability
 
-__all__ = ["AverageDropIncrease", "class_probability", "masked_probability"]
-
-
-def class_probability(logits: Tensor, targets: Tensor) -> Tensor:
-    """Softmax probability of each image's target class, in float32: ``[B]``."""
-    return logits.float().softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
+__all__ = ["AverageDropIncrease", "masked_probability"]
 
 
 def masked_probability(
@@ -56,4 +52,4 @@ class AverageDropIncrease(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         count = self.count.clamp_min(1).double()
-        return {"AD": 100 * self.drop / count, "IC": 100 * self.increase / count}
+        return {"AD": 100 * self.drop / count, "IC": 100 * self.increase / count, "count": self.count.double()}
