@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tame_lit.config import config_dir, instantiate_group, metric_value, print_config
 from tame_lit.io import write_json
+from tame_lit.system import keep_freed_memory
 from tame_lit.training import IncompatibleCheckpointError
 
 __all__ = ["main", "train"]
@@ -63,6 +64,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     print_config(cfg)
     metrics = train(cfg)
     return metric_value(metrics, cfg.get("optimized_metric"))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from tame_lit.io import atomic_path
 
-__all__ = ["overlay", "overlay_grid", "save_figure"]
+__all__ = ["curve_plot", "explainer_grid", "overlay", "overlay_grid", "save_figure"]
 
 
 def overlay(image: Tensor, saliency: Tensor, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
@@ -43,3 +43,50 @@ def overlay_grid(
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=dpi, format=os.path.splitext(str(path))[1].lstrip(".") or "png")
+
+
+def explainer_grid(
+    images: Tensor, maps: dict[str, Tensor], row_titles: Sequence[str] | None = None, alpha: float = 0.5
+) -> Figure:
+    """Images down, explainers across: the image, then each explainer's overlay (evaluation reports)."""
+    names = list(maps)
+    rows, columns = images.shape[0], len(names) + 1
+    figure = Figure(figsize=(2.2 * columns, 2.3 * rows), layout="constrained")
+    axes = np.asarray(figure.subplots(rows, columns, squeeze=False))
+    for row in range(rows):
+        axes[row, 0].imshow(images[row].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+        if row_titles:
+            axes[row, 0].set_title(row_titles[row], fontsize=8)
+        for column, name in enumerate(names, start=1):
+            if row < maps[name].shape[0]:
+                axes[row, column].imshow(overlay(images[row], maps[name][row], alpha))
+            if row == 0:
+                axes[row, column].set_title(name, fontsize=9)
+        for axis in axes[row]:
+            axis.axis("off")
+    return figure
+
+
+def curve_plot(
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    styles: dict[str, str] | None = None,
+    groups: dict[str, str] | None = None,
+) -> Figure:
+    """Line plot of named ``(x, y)`` curves (deletion/insertion, ROAD), one line each; curves of the same
+    ``groups`` entry (e.g. one explainer's MoRF and LeRF) share a colour, ``styles`` sets line styles."""
+    figure = Figure(figsize=(5.5, 4), layout="constrained")
+    axis = figure.subplots()
+    group_of = groups or {label: label for label in curves}
+    colours = {group: f"C{index % 10}" for index, group in enumerate(dict.fromkeys(group_of.values()))}
+    for label, (x, y) in curves.items():
+        colour = colours.get(group_of.get(label, label))
+        axis.plot(list(x), list(y), (styles or {}).get(label, "-"), color=colour, label=label, linewidth=1.5)
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    return figure

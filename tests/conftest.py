@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from tame_lit import backbones
+from tame_lit.system import keep_freed_memory
 from tests.helpers import SHARED_DATA, TINY_BACKBONE
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+keep_freed_memory()  # 3x faster CPU forward passes at batch 64 (no page-fault storm per batch)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -36,12 +36,14 @@ class StopAfterStep(L.Callback):
             trainer.should_stop = True
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python train.py ARGS`` in ``cwd`` with no stdin (a prompt would fail instead of hanging);
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None, script: str = "train.py"
+) -> subprocess.CompletedProcess:
+    """Run ``python SCRIPT ARGS`` in ``cwd`` with no stdin (a prompt would fail instead of hanging);
     ``env`` replaces the inherited environment."""
     environment = {**(os.environ if env is None else env), "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -51,8 +53,9 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     )
 
 
-def compose_train(overrides: list[str], output_dir: Path):
-    """The config ``python train.py OVERRIDES`` would run, writing to ``output_dir`` (for in-process runs)."""
+def compose_train(overrides: list[str], output_dir: Path, config: str = "train"):
+    """The config ``python train.py OVERRIDES`` (or ``config``.yaml's script) would run, writing to
+    ``output_dir`` (for in-process runs)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -60,7 +63,7 @@ def compose_train(overrides: list[str], output_dir: Path):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+        return compose(config, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
 def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:

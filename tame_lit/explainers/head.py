@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from tame_lit.features import preserved_state
 from tame_lit.heads import ExplanationHead, select_classes
 from tame_lit.maps import normalize, upsample
 
-__all__ = ["HeadExplainer", "head_maps", "load_explainer"]
+__all__ = ["HeadExplainer", "head_from_checkpoint", "head_maps", "load_explainer"]
 
 
 def head_maps(head: ExplanationHead, features: dict[str, Tensor], targets: Tensor, size: tuple[int, int]) -> Tensor:
@@ -41,13 +42,62 @@ class HeadExplainer(Explainer):
             return head_maps(self.head, features, targets, images.shape[-2:])
 
 
-def load_explainer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> HeadExplainer:
-    """A trained head as an ``Explainer``, from a tame-lit Lightning checkpoint (head-only; the backbone is
-    rebuilt from the checkpoint's config). Read with ``weights_only=True``: nothing in the file runs."""
+def load_explainer(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", backbone: Backbone | None = None
+) -> HeadExplainer:
+    """A trained head as an ``Explainer``, from a tame-lit Lightning checkpoint (head-only).
+
+    Without ``backbone`` the backbone is rebuilt from the checkpoint's config; with one (e.g. the model an
+    evaluation already holds) the head is attached to it after checking that it is the backbone the head
+    was trained on. Read with ``weights_only=True``: nothing in the file runs.
+    """
     from tame_lit.training import HeadTrainingModule
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"explainer checkpoint not found: {path.resolve()}")
+    if backbone is not None:
+        return HeadExplainer(backbone, head_from_checkpoint(path, backbone).to(map_location).eval())
     module = HeadTrainingModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     return HeadExplainer(module.backbone.eval(), module.head.eval())
+
+
+def head_from_checkpoint(path: str | os.PathLike, backbone: Backbone) -> ExplanationHead:
+    """The trained head of a tame-lit checkpoint, built for ``backbone`` (which must be the one it was trained
+    on: same architecture, classes and layer shapes; other weights only warn)."""
+    from tame_lit import heads
+    from tame_lit.training import IncompatibleCheckpointError
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which
+        raise IncompatibleCheckpointError(f"{path}: not a readable tame-lit checkpoint ({error})") from error
+    saved = checkpoint.get("tame_lit") if isinstance(checkpoint, dict) else None
+    if saved is None or "hyper_parameters" not in checkpoint:
+        raise IncompatibleCheckpointError(f"{path}: not a tame-lit checkpoint (no 'tame_lit' entry)")
+    if saved.get("backbone") != backbone.name or saved.get("num_classes") != backbone.num_classes:
+        raise IncompatibleCheckpointError(
+            f"{path}: the head was trained on backbone {saved.get('backbone')!r} ({saved.get('num_classes')} "
+            f"classes), but this run's backbone is {backbone.name!r} ({backbone.num_classes} classes); evaluate it "
+            f"with backbone={saved.get('backbone')} or pick a checkpoint trained on {backbone.name}"
+        )
+    config = dict(checkpoint["hyper_parameters"]["head"])
+    options = {key: value for key, value in config.items() if key not in ("name", "layers")}
+    head = heads.create(config["name"], backbone, config.get("layers"), **options)
+    shapes = {name: list(shape) for name, shape in head.layer_shapes.items()}
+    if shapes != saved.get("layer_shapes"):
+        raise IncompatibleCheckpointError(
+            f"{path}: the head reads layers {saved.get('layer_shapes')}, but on this backbone they are {shapes}"
+        )
+    state = {key[len("head.") :]: value for key, value in checkpoint["state_dict"].items() if key.startswith("head.")}
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as error:
+        raise IncompatibleCheckpointError(f"{path}: head weights do not fit the head config ({error})") from error
+    if saved.get("weights_fingerprint") != backbone.fingerprint():
+        warnings.warn(
+            f"{path}: the head was trained on {saved['backbone']} weights {saved.get('weights')!r}; this backbone "
+            f"has other weights ({backbone.weights_source!r}): its explanations may not fit these weights",
+            stacklevel=2,
+        )
+    return head

@@ -1,0 +1,272 @@
+"""``python evaluate.py`` as users run it: outputs, batch and process invariance, precision, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from timm.data import ImageNetInfo
+
+from tame_lit.evaluate import EvaluationFailed, evaluate
+from tame_lit.report import mean_ranks
+from tame_lit.train import train
+from tests.helpers import TINY_OVERRIDES, compose_train, run_cli
+
+FAST_METRICS = ["metrics.deletion_steps=4", "metrics.road_levels=[0.25,0.75]", "data.num_workers=0"]
+REQUIRED = [
+    "AD@100",
+    "IC@100",
+    "AD@50",
+    "IC@50",
+    "AD@15",
+    "IC@15",
+    "deletion_auc",
+    "insertion_auc",
+    "road_morf",
+    "road_lerf",
+    "AD@20",
+    "IC@20",
+    "deletion_auc_first20",
+    "insertion_auc_first20",
+]
+
+
+TEN_WNIDS = list(ImageNetInfo().label_names())[:10]
+
+
+def image_folder(root: Path, count: int = 7, boxes: Path | None = None) -> Path:
+    """``count`` noisy 72 px images in two class folders; with ``boxes``, one XML box file per image with a
+    box for each of the tiny model's 10 classes (the WordNet ids of ImageNet's classes 0-9)."""
+    generator = torch.Generator().manual_seed(0)
+    for index in range(count):
+        folder = root / ("a" if index % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (torch.rand(72, 72, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{index}.png")
+        if boxes is not None:
+            boxes.mkdir(parents=True, exist_ok=True)
+            objects = "".join(
+                f"<object><name>{name}</name><bndbox><xmin>{1 + 10 * index}</xmin><ymin>5</ymin><xmax>"
+                f"{30 + 5 * index}</xmax><ymax>60</ymax></bndbox></object>"
+                for name in TEN_WNIDS
+            )
+            (boxes / f"img{index}.xml").write_text(
+                f"<annotation><size><width>72</width><height>72</height></size>{objects}</annotation>"
+            )
+    return root
+
+
+def run_dir_of(root: Path) -> Path:
+    runs = list((root / "outputs" / "evaluate" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def without_timing(results: dict) -> dict:
+    return {name: {k: v for k, v in row.items() if k != "seconds_per_image"} for name, row in results.items()}
+
+
+def assert_close_results(first: dict, second: dict, tolerance: float) -> None:
+    first, second = without_timing(first), without_timing(second)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].keys() == second[name].keys(), name
+        for key, value in first[name].items():
+            assert math.isclose(value, second[name][key], rel_tol=tolerance, abs_tol=tolerance), (name, key)
+
+
+def test_cli_writes_every_output_with_boxes_and_wandb_offline(tmp_path):
+    data = image_folder(tmp_path / "images", boxes=tmp_path / "boxes")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path / "home")  # not logged in: W&B must go offline without a prompt
+    args = [
+        *TINY_OVERRIDES,
+        *FAST_METRICS,
+        "data=folder",
+        f"data.root={data}",
+        f"data.boxes_dir={tmp_path / 'boxes'}",
+        "data.limit=6",
+        "data.batch_size=4",
+        "explainers=[gradcam,random]",
+        "logger=wandb",
+        "grid_images=3",
+    ]
+    result = run_cli(args, cwd=tmp_path, script="evaluate.py", env=env, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"gradcam", "random"}
+    for row in metrics.values():
+        assert set(REQUIRED) <= set(row)
+        assert row["images"] == 6
+        assert 0 <= row["AD@15"] <= 100 and 0 <= row["deletion_auc"] <= 1 and 0 <= row["road_morf"] <= 1
+        assert {"road_morf@25", "road_lerf@75", "pointing_game", "energy_pointing_game"} <= set(row)
+        assert row["pointing_images"] == 6  # every image has a box of whatever class it is explained for
+    curves = json.loads((run_dir / "curves.json").read_text())
+    assert len(curves["gradcam"]["deletion_insertion"]["deletion"]) == 5  # 4 steps + the clean image
+    assert curves["gradcam"]["road_morf"]["removed"] == [0.25, 0.75]
+    with open(run_dir / "metrics.csv") as handle:
+        assert len(handle.read().strip().splitlines()) == 3
+    report = (run_dir / "report.md").read_text()
+    assert "| explainer | mean rank" in report and "![heatmaps.png](heatmaps.png)" in report
+    for name in ("heatmaps.png", "deletion.png", "insertion.png", "road.png"):
+        assert (run_dir / name).stat().st_size > 1000, name
+    assert "gradcam" in result.stdout and "Deletion" in result.stdout  # the table in the terminal
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert offline and offline[0].stat().st_size > 0
+
+
+def test_numbers_do_not_depend_on_the_batch_size(tmp_path):
+    # the random explainer's maps are bit-identical in any batch; a gradient method's maps can move by
+    # 1e-7 with the batch size (float reductions), enough to swap pixels tied at a threshold
+    data = image_folder(tmp_path / "images")
+    results = []
+    for batch in (1, 7):
+        cfg = compose_train(
+            [
+                *TINY_OVERRIDES,
+                *FAST_METRICS,
+                "data=folder",
+                f"data.root={data}",
+                "logger=none",
+                f"data.batch_size={batch}",
+                "explainers=[random]",
+            ],
+            tmp_path / f"batch{batch}",
+            config="evaluate",
+        )
+        results.append(evaluate(cfg))
+    assert_close_results(results[0], results[1], 1e-5)
+    assert results[0]["random"]["images"] == 7
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+    data = image_folder(tmp_path / "images")
+    common = [
+        *TINY_OVERRIDES,
+        *FAST_METRICS,
+        "data=folder",
+        f"data.root={data}",
+        "data.batch_size=1",
+        "explainers=[gradcam,random]",
+        "logger=none",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+    ]
+    results = []
+    for name, extra in (("one", []), ("two", ["trainer=ddp", "trainer.devices=2"])):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        result = run_cli([*common, *extra], cwd=cwd, script="evaluate.py", timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results.append(json.loads((run_dir_of(cwd) / "metrics.json").read_text()))
+        if name == "two":
+            assert (run_dir_of(cwd) / "evaluate_ddp_process_1.log").is_file() or "rank: 1" in result.stderr
+    assert results[1]["gradcam"]["images"] == 7  # every image once: no padding by the distributed sampler
+    assert_close_results(results[0], results[1], 1e-6)
+
+
+def test_bf16_mixed_precision_gives_finite_scores(tmp_path):
+    data = image_folder(tmp_path / "images", count=4)
+    cfg = compose_train(
+        [
+            *TINY_OVERRIDES,
+            *FAST_METRICS,
+            "data=folder",
+            f"data.root={data}",
+            "logger=none",
+            "trainer.precision=bf16-mixed",
+            "explainers=[gradcam]",
+        ],
+        tmp_path,
+        config="evaluate",
+    )
+    row = evaluate(cfg)["gradcam"]
+    assert all(math.isfinite(value) for value in row.values())
+    assert 0 <= row["AD@15"] <= 100 and 0 <= row["insertion_auc"] <= 1
+
+
+def test_bad_explainers_fail_clearly_and_the_others_are_still_written(tmp_path):
+    data = image_folder(tmp_path / "images", count=4)
+    train_cfg = compose_train([*TINY_OVERRIDES, "trainer.max_steps=2", "data.num_workers=0"], tmp_path / "train")
+    train(train_cfg)
+    checkpoint = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    base = [
+        *FAST_METRICS,
+        "data=folder",
+        f"data.root={data}",
+        "logger=none",
+        "data.resize_size=72",
+        "data.crop_size=64",
+    ]
+
+    # a trained head on its own backbone is just another explainer
+    cfg = compose_train(
+        [*TINY_OVERRIDES, *base, "explainers=[tame,random]", f"heads.tame.checkpoint={checkpoint}"],
+        tmp_path / "good",
+        config="evaluate",
+    )
+    results = evaluate(cfg)
+    assert set(results) == {"tame", "random"} and results["tame"]["images"] == 4
+
+    other_backbone = [o.replace("test_resnet", "test_efficientnet") for o in TINY_OVERRIDES]
+    cfg = compose_train(
+        [*other_backbone, *base, "explainers=[tame,nosuch,random]", f"heads.tame.checkpoint={checkpoint}"],
+        tmp_path / "bad",
+        config="evaluate",
+    )
+    with pytest.raises(EvaluationFailed) as failure:
+        evaluate(cfg)
+    message = str(failure.value)
+    assert "unknown explainer 'nosuch'" in message and "gradcam" in message  # lists the available ones
+    assert "'test_resnet'" in message and "'test_efficientnet'" in message  # names both backbones
+    written = json.loads((tmp_path / "bad" / "metrics.json").read_text())
+    assert set(written) == {"random"} and written["random"]["images"] == 4
+    run = json.loads((tmp_path / "bad" / "run.json").read_text())
+    assert set(run["failed"]) == {"tame", "nosuch"}
+    assert "nosuch" in (tmp_path / "bad" / "report.md").read_text()
+
+
+def test_missing_box_files_and_missing_heads_are_named(tmp_path):
+    data = image_folder(tmp_path / "images", count=3)
+    (tmp_path / "boxes").mkdir()
+    cfg = compose_train(
+        [
+            *TINY_OVERRIDES,
+            *FAST_METRICS,
+            "data=folder",
+            f"data.root={data}",
+            "logger=none",
+            f"data.boxes_dir={tmp_path / 'boxes'}",
+            "explainers=[random]",
+        ],
+        tmp_path,
+        config="evaluate",
+    )
+    with pytest.raises(FileNotFoundError, match=r"no <image stem>\.xml box file for 3 of 3 images.*img"):
+        evaluate(cfg)
+    cfg = compose_train(
+        [*TINY_OVERRIDES, *FAST_METRICS, "data=folder", f"data.root={data}", "logger=none", "explainers=[tame,random]"],
+        tmp_path / "head",
+        config="evaluate",
+    )
+    with pytest.raises(EvaluationFailed, match=r"heads\.tame\.checkpoint=PATH"):
+        evaluate(cfg)
+
+
+def test_mean_rank_orders_by_the_primary_metrics():
+    results = {
+        "good": {"AD@15": 10.0, "IC@15": 30.0, "deletion_auc": 0.1, "insertion_auc": 0.7},
+        "bad": {"AD@15": 50.0, "IC@15": 5.0, "deletion_auc": 0.4, "insertion_auc": 0.3},
+        "mixed": {"AD@15": 20.0, "IC@15": 30.0, "deletion_auc": 0.5, "insertion_auc": 0.5},
+    }
+    ranks = mean_ranks(results)
+    assert ranks["good"] == pytest.approx((1 + 1.5 + 1 + 1) / 4)
+    assert ranks["mixed"] == pytest.approx((2 + 1.5 + 3 + 2) / 4)
+    assert ranks["bad"] == pytest.approx((3 + 3 + 2 + 3) / 4)
