@@ -64,3 +64,35 @@ def test_ad_ic_does_not_depend_on_the_batch_size(tiny_backbone):
         ]
     single = torch.cat(one_by_one)
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
+
+
+class BrightnessModel(torch.nn.Module):
+    """Two classes; logit of class 1 = 4 x (mean of the image's left half) (class 0: logit 0)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        left = images[..., : images.shape[-1] // 2].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(left), 4 * left], dim=1)
+
+
+def test_ad_ic_on_a_toy_model_by_hand():
+    images = torch.ones(2, 3, 4, 4)  # white: p(class 1) = sigmoid(4)
+    left_map = torch.zeros(4, 4)
+    left_map[:, :2] = torch.tensor([1.0, 0.5])  # left half: columns 1.0 and 0.5
+    right_map = torch.zeros(4, 4)
+    right_map[:, 2:] = 1.0
+    maps, targets = torch.stack([left_map, right_map]), torch.tensor([1, 1])
+    clean = torch.sigmoid(torch.tensor(4.0))
+    # 50 % kept = the 8 highest pixels: image 0 keeps its left half at soft values (mean 0.75); image 1 its
+    # right half (left half black, mean 0)
+    masked = masked_probability(BrightnessModel(), images, maps, targets, 0.5)
+    expected = torch.sigmoid(torch.tensor([4 * 0.75, 0.0]))
+    torch.testing.assert_close(masked, expected)
+    metric = AverageDropIncrease()
+    metric.update(torch.stack([clean, clean]), masked)
+    values = metric.compute()
+    drops = (clean - expected).clamp_min(0) / clean
+    assert values["AD"].item() == pytest.approx(100 * drops.mean().item())
+    assert values["IC"].item() == 0.0 and values["count"].item() == 2
+    # 25 % kept: image 0 keeps only its 1.0 column (left-half mean 0.5)
+    masked = masked_probability(BrightnessModel(), images, maps, targets, 0.25)
+    torch.testing.assert_close(masked[0], torch.sigmoid(torch.tensor(2.0)))
