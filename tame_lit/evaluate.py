@@ -36,9 +36,9 @@ def build_explainers(
 ) -> tuple[dict[str, Explainer], dict[str, dict[str, Any]], dict[str, str]]:
     """The explainers named in ``cfg.explainers``: ``(explainers, their settings, failures)``.
 
-    A name is a trained head under ``cfg.heads`` (with a checkpoint), an entry of ``cfg.explainer`` (a
-    registered method with its options), or a checkpoint path. A name that cannot be built is recorded as a
-    failure with the reason, so the others still run.
+    A name is a trained head under ``cfg.heads`` (a checkpoint or export folder), an entry of
+    ``cfg.explainer`` (a registered method with its options), or a checkpoint / export path. A name that
+    cannot be built is recorded as a failure with the reason, so the others still run.
     """
     names = cfg.get("explainers")
     if isinstance(names, str):
@@ -69,7 +69,7 @@ def build_explainers(
                 method = options.pop("name", name)
                 built[name] = explainers.create(method, backbone, **options)
                 settings[name] = {"name": method, **options}
-            elif name.endswith(".ckpt") or Path(name).is_file():
+            elif name.endswith(".ckpt") or Path(name).is_file() or Path(name).is_dir():
                 built[name] = load_explainer(name, backbone=backbone)
                 settings[name] = {"checkpoint": str(Path(name).resolve())}
             else:

@@ -59,6 +59,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_json(Path(trainer.default_root_dir) / "metrics.json", {"metrics": metrics, "best_checkpoint": best})
         if best:
             log.info("best checkpoint: %s", best)
+            if cfg.get("export", True):
+                from tame_lit.export import export_head
+
+                log.info(
+                    "exported (head only, verified) to %s", export_head(best, Path(trainer.default_root_dir) / "export")
+                )
     return metrics
 
 

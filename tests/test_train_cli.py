@@ -23,6 +23,8 @@ def assert_finished(result, run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert Path(metrics["best_checkpoint"]).is_file()
+    exported = json.loads((run_dir / "export" / "explainer.json").read_text())  # exported and verified
+    assert exported["source_checkpoint"] == str(Path(metrics["best_checkpoint"]).resolve())
     return metrics["metrics"]
 
 

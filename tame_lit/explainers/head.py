@@ -45,7 +45,8 @@ class HeadExplainer(Explainer):
 def load_explainer(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", backbone: Backbone | None = None
 ) -> HeadExplainer:
-    """A trained head as an ``Explainer``, from a tame-lit Lightning checkpoint (head-only).
+    """A trained head as an ``Explainer``, from a tame-lit Lightning checkpoint (head-only) or an export
+    folder (``tame_lit.export``: no Lightning needed).
 
     Without ``backbone`` the backbone is rebuilt from the checkpoint's config; with one (e.g. the model an
     evaluation already holds) the head is attached to it after checking that it is the backbone the head
@@ -54,6 +55,10 @@ def load_explainer(
     from tame_lit.training import HeadTrainingModule
 
     path = Path(path)
+    if path.is_dir() or path.name == "explainer.json":  # an export folder (tame_lit.export)
+        from tame_lit.export import load_export
+
+        return load_export(path if path.is_dir() else path.parent, backbone=backbone, map_location=map_location)
     if not path.is_file():
         raise FileNotFoundError(f"explainer checkpoint not found: {path.resolve()}")
     if backbone is not None:

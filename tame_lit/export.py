@@ -1,0 +1,192 @@
+"""Export a trained head so it leaves the training run: ``head.safetensors`` + ``explainer.json``.
+
+The export holds the head's weights (safetensors: loading runs nothing from the file) and everything
+needed to rebuild and check it: backbone name, weight source and config, layers and their shapes, head
+type and hyperparameters, class count, input size, normalisation, the tame-lit version, and the SHA-256
+of the weights file. ``load_export`` refuses a file whose checksum, keys or shapes do not match.
+
+    python -m tame_lit.export CHECKPOINT [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tame_lit import __version__
+from tame_lit.backbones import Backbone
+from tame_lit.explainers.base import Explainer
+from tame_lit.explainers.head import HeadExplainer
+from tame_lit.heads import HEADS, ExplanationHead
+from tame_lit.io import atomic_path, write_json
+
+__all__ = ["FORMAT_VERSION", "ExportError", "InvalidExportError", "export_head", "load_export", "verify_maps"]
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "head.safetensors"
+METADATA_FILE = "explainer.json"
+
+
+class ExportError(RuntimeError):
+    """An export does not reproduce the eager explainer's maps."""
+
+
+class InvalidExportError(ValueError):
+    """An export folder is incomplete, tampered with, or made for another backbone."""
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _build_head(config: dict[str, Any], layer_shapes: dict[str, list[int]], num_classes: int) -> ExplanationHead:
+    name = config["name"]
+    if name not in HEADS:
+        raise InvalidExportError(f"unknown head {name!r}; this tame-lit has {sorted(HEADS)}")
+    options = {key: value for key, value in config.items() if key not in ("name", "layers")}
+    return HEADS[name](layer_shapes, num_classes, **options)
+
+
+def export_head(
+    checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, verify: bool = True, atol: float = 1e-4
+) -> Path:
+    """Write ``head.safetensors`` and ``explainer.json`` for a tame-lit checkpoint into ``out`` (default:
+    ``export/`` beside the checkpoints folder); with ``verify``, reload the export and check that its maps
+    equal the checkpoint's on a batch (max abs difference <= ``atol``). Returns the export folder."""
+    from safetensors.torch import save_file
+
+    from tame_lit import backbones
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint.resolve()}")
+    data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved = data.get("tame_lit") if isinstance(data, dict) else None
+    if saved is None:
+        raise InvalidExportError(f"{checkpoint}: not a tame-lit checkpoint (no 'tame_lit' entry)")
+    settings = data["hyper_parameters"]
+    head_config = dict(settings["head"])
+    head = _build_head(head_config, saved["layer_shapes"], saved["num_classes"])
+    state = {key[len("head.") :]: value for key, value in data["state_dict"].items() if key.startswith("head.")}
+    head.load_state_dict(state)
+    out = Path(out) if out is not None else checkpoint.parent.parent / "export"
+    weights = out / WEIGHTS_FILE
+    with atomic_path(weights) as temporary:
+        save_file({key: value.contiguous() for key, value in head.state_dict().items()}, str(temporary))
+    backbone = backbones.create(**settings["backbone"])
+    metadata = {
+        "format": "tame-lit-explainer",
+        "format_version": FORMAT_VERSION,
+        "tame_lit_version": __version__,
+        "backbone": {
+            "name": backbone.name,
+            "weights": backbone.weights_source,
+            "weights_fingerprint": saved.get("weights_fingerprint"),
+            "config": settings["backbone"],
+        },
+        "head": head_config,
+        "layers": list(head.layers),
+        "layer_shapes": saved["layer_shapes"],
+        "num_classes": saved["num_classes"],
+        "input_size": list(backbone.input_size),
+        "normalization": {"mean": backbone.mean.flatten().tolist(), "std": backbone.std.flatten().tolist()},
+        "weights_file": WEIGHTS_FILE,
+        "sha256": sha256(weights),
+        "source_checkpoint": str(checkpoint.resolve()),
+    }
+    write_json(out / METADATA_FILE, metadata)
+    if verify:
+        images = torch.rand(4, 3, *backbone.input_size, generator=torch.Generator().manual_seed(0))
+        verify_maps(HeadExplainer(backbone, head.eval()), load_export(out, backbone=backbone), images, atol)
+    return out
+
+
+def verify_maps(eager: Explainer, exported: Explainer, images: Tensor, atol: float = 1e-4) -> float:
+    """Max abs difference of the two explainers' maps on ``images``; raises ``ExportError`` above ``atol``."""
+    difference = float((eager(images) - exported(images)).abs().max())
+    if not difference <= atol:
+        raise ExportError(f"the exported explainer's maps differ from the eager ones by {difference:.3g} (> {atol})")
+    return difference
+
+
+def load_export(
+    folder: str | os.PathLike, backbone: Backbone | None = None, map_location: str | torch.device = "cpu"
+) -> HeadExplainer:
+    """An exported head as an ``Explainer``, on ``backbone`` or on the backbone its metadata describes.
+
+    Needs neither Lightning nor Hydra. The weights are checked against the recorded SHA-256 before they are
+    read, then against the head's keys and shapes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from tame_lit import backbones
+
+    folder = Path(folder)
+    metadata_path = folder / METADATA_FILE
+    if not metadata_path.is_file():
+        raise InvalidExportError(f"{folder}: not a tame-lit export (no {METADATA_FILE})")
+    try:
+        metadata = json.loads(metadata_path.read_text())
+        weights = folder / metadata["weights_file"]
+        expected = metadata["sha256"]
+        head_config, layer_shapes, num_classes = metadata["head"], metadata["layer_shapes"], metadata["num_classes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise InvalidExportError(f"{metadata_path}: unreadable or incomplete ({error!r})") from error
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise InvalidExportError(
+            f"{metadata_path}: export format {metadata.get('format_version')} is newer than this tame-lit's "
+            f"{FORMAT_VERSION}; upgrade tame-lit"
+        )
+    if not weights.is_file():
+        raise InvalidExportError(f"{folder}: weights file {weights.name} is missing")
+    actual = sha256(weights)
+    if actual != expected:
+        raise InvalidExportError(
+            f"{weights}: checksum mismatch (sha256 {actual[:16]}..., {METADATA_FILE} says {expected[:16]}...): the "
+            "file was changed or truncated after export; re-export it from the checkpoint"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as error:
+        raise InvalidExportError(f"{weights}: not a readable safetensors file ({error})") from error
+    if backbone is None:
+        backbone = backbones.create(**metadata["backbone"]["config"])
+    elif backbone.name != metadata["backbone"]["name"] or backbone.num_classes != num_classes:
+        raise InvalidExportError(
+            f"{folder}: the head was trained on backbone {metadata['backbone']['name']!r} ({num_classes} classes), "
+            f"not {backbone.name!r} ({backbone.num_classes} classes)"
+        )
+    shapes = {name: list(shape) for name, shape in backbone.layer_shapes(list(layer_shapes)).items()}
+    if shapes != layer_shapes:
+        raise InvalidExportError(f"{folder}: the head reads layers {layer_shapes}, but this backbone gives {shapes}")
+    head = _build_head(head_config, layer_shapes, num_classes)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as error:
+        raise InvalidExportError(f"{weights}: weights do not fit the {head_config['name']} head ({error})") from error
+    return HeadExplainer(backbone.to(map_location), head.to(map_location).eval())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tame-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a tame-lit checkpoint (.ckpt)")
+    parser.add_argument("--out", help="export folder (default: export/ beside the checkpoints folder)")
+    parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the maps")
+    args = parser.parse_args(argv)
+    out = export_head(args.checkpoint, args.out, verify=not args.no_verify)
+    print(f"exported to {out}")
+
+
+if __name__ == "__main__":
+    main()

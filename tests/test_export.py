@@ -1,0 +1,114 @@
+"""Head-only export: files, reload without Lightning, verification, tampered and truncated files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tame_lit import backbones, load_explainer
+from tame_lit.explainers import create
+from tame_lit.export import ExportError, InvalidExportError, export_head, load_export, sha256, verify_maps
+from tame_lit.train import train
+from tests.helpers import ROOT, TINY_BACKBONE, TINY_OVERRIDES, compose_train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A briefly trained head on the tiny backbone, whose weights come from a file (random init would
+    differ in every process)."""
+    run = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    weights = run / "test_resnet.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(backbones.create(**TINY_BACKBONE).model.state_dict(), str(weights))
+    overrides = [*TINY_OVERRIDES, f"backbone.weights={weights}", "trainer.max_steps=3", "data.num_workers=0"]
+    train(compose_train(overrides, run))
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_export_writes_small_verified_files(checkpoint, tmp_path):
+    out = export_head(checkpoint, tmp_path / "export")
+    metadata = json.loads((out / "explainer.json").read_text())
+    assert metadata["sha256"] == sha256(out / "head.safetensors")
+    assert metadata["backbone"]["name"] == "test_resnet" and metadata["num_classes"] == 10
+    assert metadata["head"]["name"] == "tame" and metadata["layers"] == list(metadata["layer_shapes"])
+    assert metadata["input_size"] == [64, 64] and len(metadata["normalization"]["mean"]) == 3
+    assert (out / "head.safetensors").stat().st_size < checkpoint.stat().st_size  # no optimiser state
+    # the default folder sits beside the run's checkpoints
+    assert export_head(checkpoint, verify=False) == checkpoint.parent.parent / "export"
+
+
+def test_reloaded_in_a_fresh_process_without_lightning_gives_identical_maps(checkpoint, tmp_path):
+    out = export_head(checkpoint, tmp_path / "export")
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 64, 64)
+    torch.save(images, tmp_path / "images.pt")
+    eager = load_explainer(checkpoint)(images)
+    script = (
+        "import sys, torch\n"
+        "from tame_lit.export import load_export\n"
+        f"explainer = load_export({str(out)!r})\n"
+        f"torch.save(explainer(torch.load({str(tmp_path / 'images.pt')!r})), {str(tmp_path / 'maps.pt')!r})\n"
+        "assert 'lightning' not in sys.modules and 'hydra' not in sys.modules, 'imported Lightning or Hydra'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "maps.pt"), eager, rtol=0, atol=1e-6)
+    # load_explainer takes the folder too, on a given backbone
+    torch.testing.assert_close(load_explainer(out)(images), eager, rtol=0, atol=1e-6)
+
+
+def test_tampered_and_truncated_weights_are_refused(checkpoint, tmp_path):
+    out = export_head(checkpoint, tmp_path / "export")
+    weights = out / "head.safetensors"
+    original = weights.read_bytes()
+    tampered = bytearray(original)
+    tampered[len(tampered) // 2] ^= 0x01  # one bit in the middle of the tensor data
+    weights.write_bytes(bytes(tampered))
+    with pytest.raises(InvalidExportError, match="checksum mismatch"):
+        load_export(out)
+    weights.write_bytes(original[: len(original) // 2])
+    with pytest.raises(InvalidExportError, match="checksum mismatch"):
+        load_export(out)
+    weights.unlink()
+    with pytest.raises(InvalidExportError, match="missing"):
+        load_export(out)
+    with pytest.raises(InvalidExportError, match=r"no explainer\.json"):
+        load_export(tmp_path)
+
+
+def test_an_export_is_refused_on_another_backbone(checkpoint, tmp_path):
+    out = export_head(checkpoint, tmp_path / "export")
+    other = backbones.create(**{**TINY_BACKBONE, "name": "test_efficientnet"})
+    with pytest.raises(InvalidExportError, match=r"'test_resnet'.*not 'test_efficientnet'"):
+        load_export(out, backbone=other)
+
+
+def test_verification_reports_the_difference(tiny_backbone):
+    images = torch.rand(2, 3, 64, 64)
+    gradcam, random = create("gradcam", tiny_backbone), create("random", tiny_backbone)
+    assert verify_maps(gradcam, gradcam, images) == 0.0
+    with pytest.raises(ExportError, match=r"differ from the eager ones by 0\.\d+"):
+        verify_maps(gradcam, random, images)
+
+
+def test_weights_of_the_wrong_shape_are_refused_by_name(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = export_head(checkpoint, tmp_path / "export")
+    state = load_file(str(out / "head.safetensors"))
+    key = next(name for name, tensor in state.items() if tensor.dim() > 0)
+    state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
+    save_file(state, str(out / "head.safetensors"))
+    metadata = json.loads((out / "explainer.json").read_text())
+    metadata["sha256"] = sha256(out / "head.safetensors")  # a consistent but wrong export
+    (out / "explainer.json").write_text(json.dumps(metadata))
+    with pytest.raises(InvalidExportError, match=f"(?s)do not fit the tame head.*{re.escape(key)}"):
+        load_export(out)
