@@ -18,20 +18,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tame_lit import __version__
 from tame_lit.backbones import Backbone
 from tame_lit.explainers.base import Explainer
-from tame_lit.explainers.head import HeadExplainer
+from tame_lit.explainers.head import HeadExplainer, head_maps
 from tame_lit.heads import HEADS, ExplanationHead
 from tame_lit.io import atomic_path, write_json
 
-__all__ = ["FORMAT_VERSION", "ExportError", "InvalidExportError", "export_head", "load_export", "verify_maps"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ExplainerProgram",
+    "ExportError",
+    "InvalidExportError",
+    "ProgramExplainer",
+    "export_head",
+    "export_program",
+    "load_export",
+    "verify_maps",
+]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "head.safetensors"
 METADATA_FILE = "explainer.json"
+PROGRAM_FILE = "explainer.pt2"
 
 
 class ExportError(RuntimeError):
@@ -59,11 +70,16 @@ def _build_head(config: dict[str, Any], layer_shapes: dict[str, list[int]], num_
 
 
 def export_head(
-    checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, verify: bool = True, atol: float = 1e-4
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+    program: bool = False,
 ) -> Path:
     """Write ``head.safetensors`` and ``explainer.json`` for a tame-lit checkpoint into ``out`` (default:
-    ``export/`` beside the checkpoints folder); with ``verify``, reload the export and check that its maps
-    equal the checkpoint's on a batch (max abs difference <= ``atol``). Returns the export folder."""
+    ``export/`` beside the checkpoints folder); with ``program``, also ``explainer.pt2``, backbone and head
+    as one ``torch.export`` program. With ``verify``, reload what was written and check that its maps equal
+    the checkpoint's on a batch (max abs difference <= ``atol``). Returns the export folder."""
     from safetensors.torch import save_file
 
     from tame_lit import backbones
@@ -106,10 +122,92 @@ def export_head(
         "source_checkpoint": str(checkpoint.resolve()),
     }
     write_json(out / METADATA_FILE, metadata)
+    eager = HeadExplainer(backbone, head.eval())
     if verify:
         images = torch.rand(4, 3, *backbone.input_size, generator=torch.Generator().manual_seed(0))
-        verify_maps(HeadExplainer(backbone, head.eval()), load_export(out, backbone=backbone), images, atol)
+        verify_maps(eager, load_export(out, backbone=backbone), images, atol)
+    if program:
+        export_program(eager, out / PROGRAM_FILE, metadata, verify=verify, atol=atol)
     return out
+
+
+class ExplainerProgram(nn.Module):
+    """Backbone and head as one module: ``(images in [0, 1], targets) -> (maps, logits)``; a target < 0
+    means the image's top-1 class. What ``torch.export`` captures for ``explainer.pt2``."""
+
+    def __init__(self, backbone: Backbone, head: ExplanationHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        logits, features = self.backbone.features(images, self.head.layers)
+        targets = torch.where(targets < 0, logits.argmax(dim=1), targets)
+        return head_maps(self.head, features, targets, images.shape[-2:]), logits
+
+
+def export_program(
+    explainer: HeadExplainer,
+    path: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+) -> Path:
+    """Save ``explainer`` (backbone + trained head) as one ``torch.export`` program, loadable with plain
+    PyTorch (``torch.export.load(path).module()(images, targets)``), any batch size at the backbone's input
+    size; ``metadata`` travels inside as ``explainer.json``. Verified like ``export_head``."""
+    backbone, head = explainer.backbone, explainer.head
+    program = ExplainerProgram(backbone, head).eval()
+    images = torch.rand(4, 3, *backbone.input_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.full((4,), -1, dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        exported = torch.export.export(
+            program, (images, targets), dynamic_shapes={"images": {0: batch}, "targets": {0: batch}}
+        )
+    except Exception as error:  # torch.export's many failure types: say what could not be exported
+        raise ExportError(f"torch.export could not capture {backbone.name} + {type(head).__name__}: {error}") from error
+    path = Path(path)
+    extra = {METADATA_FILE: json.dumps(metadata or {"num_classes": backbone.num_classes})}
+    with atomic_path(path) as temporary:
+        torch.export.save(exported, str(temporary), extra_files=extra)
+    if verify:
+        verify_maps(explainer, ProgramExplainer(path), images, atol)
+    return path
+
+
+class ProgramExplainer(Explainer):
+    """An ``explainer.pt2`` program as an ``Explainer`` (no tame-lit model code involved in the maps)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(backbone=None)  # type: ignore[arg-type]
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"explainer program not found: {path.resolve()}")
+        extra = {METADATA_FILE: ""}
+        try:
+            self.program = torch.export.load(str(path), extra_files=extra).module()
+            self.metadata = json.loads(extra[METADATA_FILE] or "{}")
+        except Exception as error:  # a truncated or foreign file
+            raise InvalidExportError(f"{path}: not a readable torch.export program ({error})") from error
+        self.path = path
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.metadata["num_classes"])
+
+    def __call__(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be float [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}")
+        if targets is None:
+            targets = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
+        else:
+            targets = self.check_targets(targets, images.shape[0]).to(images.device)
+        with torch.no_grad():
+            maps, _ = self.program(images.float(), targets)
+        return maps.float()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
 
 
 def verify_maps(eager: Explainer, exported: Explainer, images: Tensor, atol: float = 1e-4) -> float:
@@ -183,8 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a tame-lit checkpoint (.ckpt)")
     parser.add_argument("--out", help="export folder (default: export/ beside the checkpoints folder)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the maps")
+    parser.add_argument("--program", action="store_true", help="also write explainer.pt2 (backbone + head)")
     args = parser.parse_args(argv)
-    out = export_head(args.checkpoint, args.out, verify=not args.no_verify)
+    out = export_head(args.checkpoint, args.out, verify=not args.no_verify, program=args.program)
     print(f"exported to {out}")
 
 

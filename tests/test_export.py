@@ -112,3 +112,44 @@ def test_weights_of_the_wrong_shape_are_refused_by_name(checkpoint, tmp_path):
     (out / "explainer.json").write_text(json.dumps(metadata))
     with pytest.raises(InvalidExportError, match=f"(?s)do not fit the tame head.*{re.escape(key)}"):
         load_export(out)
+
+
+def test_standalone_program_runs_with_plain_pytorch(checkpoint, tmp_path):
+    out = export_head(checkpoint, tmp_path / "export", program=True)
+    program = out / "explainer.pt2"
+    torch.manual_seed(1)
+    images = torch.rand(5, 3, 64, 64)  # another batch size than the one it was captured with
+    targets = torch.tensor([-1, 3, -1, 0, 9])  # -1: the top-1 class
+    torch.save({"images": images, "targets": targets}, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch\n"
+        f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        f"module = torch.export.load({str(program)!r}).module()\n"
+        "maps, logits = module(inputs['images'], inputs['targets'])\n"
+        f"torch.save(maps, {str(tmp_path / 'maps.pt')!r})\n"
+        "assert not any(name.startswith('tame_lit') for name in sys.modules), 'needed tame_lit'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    eager = load_explainer(out)
+    top1 = torch.where(targets < 0, eager.backbone(images).argmax(dim=1), targets)
+    torch.testing.assert_close(torch.load(tmp_path / "maps.pt"), eager(images, top1), rtol=0, atol=1e-5)
+    # and through tame-lit's interface
+    torch.testing.assert_close(load_explainer(program)(images, top1), eager(images, top1), rtol=0, atol=1e-5)
+    program.write_bytes(program.read_bytes()[:1000])
+    with pytest.raises(InvalidExportError, match=r"not a readable torch\.export program"):
+        load_explainer(program)
+
+
+@pytest.mark.real
+def test_lite0_program_reproduces_the_eager_maps(lite0, tmp_path):
+    from tame_lit import heads
+    from tame_lit.explainers import HeadExplainer
+    from tame_lit.export import ProgramExplainer, export_program
+
+    torch.manual_seed(0)
+    eager = HeadExplainer(lite0, heads.create("tame", lite0).eval())
+    path = export_program(eager, tmp_path / "explainer.pt2", {"num_classes": 1000})  # verified within 1e-4
+    images = torch.rand(3, 3, 224, 224)
+    difference = (ProgramExplainer(path)(images) - eager(images)).abs().max()
+    assert difference <= 1e-4

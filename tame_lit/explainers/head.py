@@ -44,9 +44,9 @@ class HeadExplainer(Explainer):
 
 def load_explainer(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", backbone: Backbone | None = None
-) -> HeadExplainer:
+) -> Explainer:
     """A trained head as an ``Explainer``, from a tame-lit Lightning checkpoint (head-only) or an export
-    folder (``tame_lit.export``: no Lightning needed).
+    folder or an ``explainer.pt2`` program (``tame_lit.export``: no Lightning needed).
 
     Without ``backbone`` the backbone is rebuilt from the checkpoint's config; with one (e.g. the model an
     evaluation already holds) the head is attached to it after checking that it is the backbone the head
@@ -55,6 +55,10 @@ def load_explainer(
     from tame_lit.training import HeadTrainingModule
 
     path = Path(path)
+    if path.suffix == ".pt2":  # a standalone program (tame_lit.export.export_program)
+        from tame_lit.export import ProgramExplainer
+
+        return ProgramExplainer(path)
     if path.is_dir() or path.name == "explainer.json":  # an export folder (tame_lit.export)
         from tame_lit.export import load_export
 
