@@ -5,7 +5,7 @@ needed to rebuild and check it: backbone name, weight source and config, layers 
 type and hyperparameters, class count, input size, normalisation, the tame-lit version, and the SHA-256
 of the weights file. ``load_export`` refuses a file whose checksum, keys or shapes do not match.
 
-    python -m tame_lit.export CHECKPOINT [--out DIR]
+    python -m tame_lit.export CHECKPOINT [--out DIR] [--format head program]
 """
 
 from __future__ import annotations
@@ -281,9 +281,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a tame-lit checkpoint (.ckpt)")
     parser.add_argument("--out", help="export folder (default: export/ beside the checkpoints folder)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the maps")
-    parser.add_argument("--program", action="store_true", help="also write explainer.pt2 (backbone + head)")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=["head", "program"],
+        default=["head"],
+        help="head: head.safetensors + explainer.json (always written); program: also explainer.pt2, backbone "
+        "and head as one torch.export program",
+    )
     args = parser.parse_args(argv)
-    out = export_head(args.checkpoint, args.out, verify=not args.no_verify, program=args.program)
+    try:
+        out = export_head(args.checkpoint, args.out, verify=not args.no_verify, program="program" in args.format)
+    except (FileNotFoundError, InvalidExportError, ExportError) as error:
+        parser.exit(1, f"tame-export: error: {error}\n")
     print(f"exported to {out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             baseline = trainer.validate(module, datamodule=datamodule, verbose=False)
             log.info("untrained head: %s", baseline[0] if baseline else {})
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        if trainer.is_global_zero:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            write_json(Path(trainer.default_root_dir) / "metrics.json", {"metrics": metrics, "best_checkpoint": best})
+            if best:
+                log.info("best checkpoint: %s", best)
+            if best and cfg.get("export", True):
+                _export(best, Path(trainer.default_root_dir) / "export", loggers)
     except IncompatibleCheckpointError as error:
         raise IncompatibleCheckpointError(f"{ckpt_path}: {error}") from None
     finally:
@@ -52,20 +61,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             import wandb
 
             wandb.finish()
-
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-    if trainer.is_global_zero:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        write_json(Path(trainer.default_root_dir) / "metrics.json", {"metrics": metrics, "best_checkpoint": best})
-        if best:
-            log.info("best checkpoint: %s", best)
-            if cfg.get("export", True):
-                from tame_lit.export import export_head
-
-                log.info(
-                    "exported (head only, verified) to %s", export_head(best, Path(trainer.default_root_dir) / "export")
-                )
     return metrics
+
+
+def _export(checkpoint: str, out: Path, loggers: list) -> None:
+    """Export the best head (verified), and log it as a W&B model artifact when logging to W&B."""
+    from tame_lit.export import export_head
+
+    exported = export_head(checkpoint, out)
+    log.info("exported (head only, verified) to %s", exported)
+    for logger in loggers:
+        if isinstance(logger, L.pytorch.loggers.WandbLogger):
+            import wandb
+
+            metadata = json.loads((exported / "explainer.json").read_text())
+            artifact = wandb.Artifact(f"explainer-{logger.experiment.id}", type="model", metadata=metadata)
+            artifact.add_dir(str(exported))
+            logger.experiment.log_artifact(artifact, aliases=["best"])
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from tame_lit.io import atomic_path
 
-__all__ = ["curve_plot", "explainer_grid", "overlay", "overlay_grid", "save_figure"]
+__all__ = ["curve_plot", "explainer_grid", "overlay", "overlay_figure", "overlay_grid", "save_figure"]
 
 
 def overlay(image: Tensor, saliency: Tensor, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
@@ -89,4 +89,16 @@ def curve_plot(
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
+    return figure
+
+
+def overlay_figure(image: Tensor, saliency: Tensor, title: str, alpha: float = 0.5, cmap: str = "jet") -> Figure:
+    """One image with its map over it, a colour bar for the map's values, and a title (tame-explain)."""
+    figure = Figure(figsize=(4.6, 4), layout="constrained")
+    axis = figure.subplots()
+    axis.imshow(image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+    heat = axis.imshow(saliency.detach().float().cpu().numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+    figure.colorbar(heat, ax=axis, fraction=0.046, pad=0.04)
+    axis.set_title(title, fontsize=10)
+    axis.axis("off")
     return figure

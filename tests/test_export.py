@@ -153,3 +153,14 @@ def test_lite0_program_reproduces_the_eager_maps(lite0, tmp_path):
     images = torch.rand(3, 3, 224, 224)
     difference = (ProgramExplainer(path)(images) - eager(images)).abs().max()
     assert difference <= 1e-4
+
+
+def test_command_line_export(checkpoint, tmp_path):
+    out = tmp_path / "cli"
+    result = subprocess.run([sys.executable, "-m", "tame_lit.export", str(checkpoint), "--out", str(out), "--format",
+                             "head", "program"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"head.safetensors", "explainer.json", "explainer.pt2"}
+    result = subprocess.run([sys.executable, "-m", "tame_lit.export", str(tmp_path / "absent.ckpt")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0 and "absent.ckpt" in result.stderr

@@ -87,6 +87,7 @@ def test_wandb_logs_offline_without_a_login_or_a_prompt(tmp_path):
     for key in (b"train/loss", b"val/AD@15", b"val/IC@50", b"lr-SGD/pg1", b"max_lr"):
         assert key in logged, key
     assert len(list((offline / "files" / "media" / "images").rglob("heatmaps_*.png"))) == 2  # one per epoch
+    assert b"explainer-" in logged and b"head.safetensors" in logged  # the export, as a model artifact
 
 
 def test_bad_input_fails_with_a_message_naming_it(tmp_path):

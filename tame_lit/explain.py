@@ -1,0 +1,223 @@
+"""``tame-explain`` / ``python -m tame_lit.explain``: explanations of your own images, as files.
+
+    tame-explain PHOTOS/ cat.jpg 'shots/*.png' --explainer gradcam --out explained/ [--topk 3]
+    tame-explain PHOTOS/ --explainer outputs/train/runs/<time>/export --out explained/
+
+For every readable image and each explained class: an overlay PNG (heatmap over the image, colour bar,
+class name and probability in the title) and the raw map as ``.npy``; for the run: ``summary.csv`` and
+``summary.json`` (top-k classes and probabilities per image) and ``index.html`` with every overlay. An
+unreadable file is reported and skipped; the exit code is 1 when any input failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import html
+import io
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from tame_lit import backbones, explainers
+from tame_lit.data import ImageDataset, UnreadableImageWarning, collate, eval_transform, imagenet_class_names
+from tame_lit.explainers import Explainer, load_explainer
+from tame_lit.io import atomic_path, write_json
+from tame_lit.viz import overlay_figure, save_figure
+
+__all__ = ["collect_inputs", "explain_files", "main", "resolve_target"]
+
+
+def collect_inputs(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Image files named by ``paths`` (files, folders searched recursively, glob patterns), in order and
+    without repeats; and the paths that matched nothing."""
+    found: list[Path] = []
+    missing: list[str] = []
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        elif path.is_file():
+            matches = [path]
+        elif any(char in text for char in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        else:
+            matches = []
+        if not matches:
+            missing.append(text)
+        found.extend(matches)
+    return list(dict.fromkeys(found)), missing
+
+
+def resolve_target(text: str | None, names: Sequence[str] | None, num_classes: int) -> int | None:
+    """A class index from ``--target``: an index, or a class name (exact, else a unique prefix)."""
+    if text is None:
+        return None
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < num_classes:
+            raise ValueError(f"--target {index} is not a class index in [0, {num_classes})")
+        return index
+    if not names:
+        raise ValueError(f"--target {text!r}: this model has no class names; give a class index")
+    lowered = [name.lower() for name in names]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    candidates = [i for i, name in enumerate(lowered) if name.startswith(text.lower())]
+    if len(candidates) == 1:
+        return candidates[0]
+    shown = [names[i] for i in candidates[:8]]
+    raise ValueError(f"--target {text!r} matches {len(candidates)} class names{': ' + str(shown) if shown else ''}")
+
+
+def _explainer(spec: str, backbone_name: str | None, options: dict) -> tuple[Explainer, backbones.Backbone]:
+    if spec in explainers.available():
+        backbone = backbones.create(backbone_name or "efficientnet_lite0", **options)
+        return explainers.create(spec, backbone), backbone
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"--explainer {spec!r} is neither a method {explainers.available()} nor an existing path")
+    given = backbones.create(backbone_name, **options) if backbone_name else None
+    explainer = load_explainer(path, backbone=given)
+    backbone = getattr(explainer, "backbone", None)
+    if backbone is None:  # a standalone program: the backbone its metadata names, for the probabilities
+        config = explainer.metadata.get("backbone", {}).get("config")
+        if not config and given is None:
+            raise ValueError(f"{spec}: the program does not name its backbone; pass --backbone")
+        backbone = given or backbones.create(**config)
+    return explainer, backbone
+
+
+def explain_files(
+    files: Sequence[Path],
+    explainer: Explainer,
+    backbone: backbones.Backbone,
+    out: Path,
+    target: int | None = None,
+    topk: int = 1,
+    batch_size: int = 8,
+    size: int | None = None,
+    device: str = "cpu",
+) -> tuple[list[dict], list[str]]:
+    """Explain ``files``; write overlays and maps into ``out``. Returns (summary rows, unreadable files)."""
+    from tqdm.auto import tqdm
+
+    size = size or backbone.input_size[0]
+    names = imagenet_class_names() if backbone.num_classes == 1000 else None
+    dataset = ImageDataset([(str(path), -1) for path in files], eval_transform(size, size))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    backbone = backbone.to(device).eval()
+    rows: list[dict] = []
+    failed: list[str] = []
+    seen = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnreadableImageWarning)
+        for batch in tqdm(loader, desc="explaining", unit="batch"):
+            indices = batch["indices"].tolist()
+            expected = range(seen, min(seen + batch_size, len(files)))
+            failed.extend(str(files[i]) for i in expected if i not in indices)
+            seen += batch_size
+            if not indices:
+                continue
+            images = batch["images"].to(device)
+            with torch.no_grad():
+                probabilities = backbone(images).float().softmax(dim=1)
+            top = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
+            ranks = [torch.full_like(top.indices[:, 0], target)] if target is not None else top.indices.unbind(1)
+            for rank, classes in enumerate(ranks, start=1):
+                maps = explainer(images, classes).cpu()
+                for row, index in enumerate(indices):
+                    rows.append(_write_one(files[index], index, rank, int(classes[row]), probabilities[row],
+                                           images[row].cpu(), maps[row], names, out))  # fmt: skip
+    for warning in caught:
+        if not issubclass(warning.category, UnreadableImageWarning):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return rows, failed
+
+
+def _write_one(path, index, rank, cls, probabilities, image, saliency, names, out: Path) -> dict:
+    stem = f"{index:05d}_{path.stem}"
+    name = names[cls] if names else str(cls)
+    probability = float(probabilities[cls])
+    overlay_path = out / f"{stem}_{rank}.png"
+    map_path = out / f"{stem}_{rank}.npy"
+    save_figure(overlay_figure(image, saliency, f"{name}: p = {probability:.3f}"), overlay_path)
+    with atomic_path(map_path) as temporary, open(temporary, "wb") as handle:
+        np.save(handle, saliency.numpy().astype(np.float32))
+    return {"file": str(path), "rank": rank, "class": cls, "name": name, "probability": probability,
+            "overlay": overlay_path.name, "map": map_path.name}  # fmt: skip
+
+
+def _write_summary(rows: list[dict], failed: list[str], out: Path, explainer_name: str) -> None:
+    buffer = io.StringIO()
+    columns = ["file", "rank", "class", "name", "probability", "overlay", "map"]
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(out / "summary.csv") as temporary:
+        temporary.write_text(buffer.getvalue())
+    write_json(out / "summary.json", {"explainer": explainer_name, "explanations": rows, "failed": failed})
+    cells = "\n".join(
+        f'<figure><img src="{html.escape(r["overlay"])}" width="280"><figcaption>{html.escape(Path(r["file"]).name)}'
+        f" #{r['rank']}: {html.escape(r['name'])} ({r['probability']:.3f})</figcaption></figure>"
+        for r in rows
+    )
+    problems = "".join(f"<li>{html.escape(f)}</li>" for f in failed)
+    page = (
+        f"<!doctype html><meta charset='utf-8'><title>tame-explain: {html.escape(explainer_name)}</title>"
+        "<style>body{font-family:sans-serif} figure{display:inline-block;margin:6px} "
+        "figcaption{font-size:12px;max-width:280px}</style>"
+        f"<h1>{html.escape(explainer_name)}: {len(rows)} explanations</h1>{cells}"
+        + (f"<h2>Unreadable inputs ({len(failed)})</h2><ul>{problems}</ul>" if failed else "")
+    )
+    with atomic_path(out / "index.html") as temporary:
+        temporary.write_text(page)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tame-explain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    parser.add_argument("--explainer", default="gradcam", help=f"a method {explainers.available()} or a "
+                        "trained head: checkpoint, export folder or explainer.pt2")  # fmt: skip
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--backbone", help="backbone name (default: efficientnet_lite0, or the trained head's)")
+    parser.add_argument("--weights", help="backbone weights: 'imagenet', a file, or 'none'")
+    parser.add_argument("--target", help="explain this class (index or name) instead of the top-k")
+    parser.add_argument("--topk", type=int, default=1, help="explain the k most probable classes")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--size", type=int, help="resize + centre-crop size (default: the backbone's input size)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.topk < 1:
+        parser.error(f"--topk must be >= 1, got {args.topk}")
+    options = {} if args.weights is None else {"weights": None if args.weights.lower() == "none" else args.weights}
+    try:
+        explainer, backbone = _explainer(args.explainer, args.backbone, options)
+        names = imagenet_class_names() if backbone.num_classes == 1000 else None
+        target = resolve_target(args.target, names, backbone.num_classes)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    files, missing = collect_inputs(args.paths)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failed = explain_files(files, explainer, backbone, out, target, args.topk, args.batch_size, args.size,
+                                 args.device)  # fmt: skip
+    readable = len(files) - len(failed)
+    failed = [*missing, *failed]
+    _write_summary(rows, failed, out, args.explainer)
+    print(f"{len(rows)} explanations of {readable} images in {out / 'index.html'}")
+    if failed:
+        print(f"{len(failed)} input(s) failed (unreadable or not found):", *failed, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
