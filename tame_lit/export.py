@@ -5,7 +5,7 @@ needed to rebuild and check it: backbone name, weight source and config, layers 
 type and hyperparameters, class count, input size, normalisation, the tame-lit version, and the SHA-256
 of the weights file. ``load_export`` refuses a file whose checksum, keys or shapes do not match.
 
-    python -m tame_lit.export CHECKPOINT [--out DIR] [--format head program]
+    python -m tame_lit.export CHECKPOINT [--out DIR] [--format head program onnx]
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ from tame_lit.explainers.base import Explainer
 from tame_lit.explainers.head import HeadExplainer, head_maps
 from tame_lit.heads import HEADS, ExplanationHead
 from tame_lit.io import atomic_path, write_json
+from tame_lit.maps import normalize, upsample
 
 __all__ = [
     "FORMAT_VERSION",
     "ExplainerProgram",
     "ExportError",
     "InvalidExportError",
+    "OnnxExplainer",
     "ProgramExplainer",
     "export_head",
+    "export_onnx",
     "export_program",
     "load_export",
     "verify_maps",
@@ -43,6 +46,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "head.safetensors"
 METADATA_FILE = "explainer.json"
 PROGRAM_FILE = "explainer.pt2"
+ONNX_FILE = "explainer.onnx"
 
 
 class ExportError(RuntimeError):
@@ -75,11 +79,13 @@ def export_head(
     verify: bool = True,
     atol: float = 1e-4,
     program: bool = False,
+    onnx: bool = False,
 ) -> Path:
     """Write ``head.safetensors`` and ``explainer.json`` for a tame-lit checkpoint into ``out`` (default:
-    ``export/`` beside the checkpoints folder); with ``program``, also ``explainer.pt2``, backbone and head
-    as one ``torch.export`` program. With ``verify``, reload what was written and check that its maps equal
-    the checkpoint's on a batch (max abs difference <= ``atol``). Returns the export folder."""
+    ``export/`` beside the checkpoints folder); with ``program``, also ``explainer.pt2`` (backbone and head
+    as one ``torch.export`` program); with ``onnx``, ``explainer.onnx``. With ``verify``, reload what was
+    written and check that its maps equal the checkpoint's on a batch (max abs difference <= ``atol``).
+    Returns the export folder."""
     from safetensors.torch import save_file
 
     from tame_lit import backbones
@@ -128,21 +134,89 @@ def export_head(
         verify_maps(eager, load_export(out, backbone=backbone), images, atol)
     if program:
         export_program(eager, out / PROGRAM_FILE, metadata, verify=verify, atol=atol)
+    if onnx:
+        export_onnx(eager, out / ONNX_FILE, verify=verify, atol=atol)
     return out
+
+
+def export_onnx(explainer: HeadExplainer, path: str | os.PathLike, verify: bool = True, atol: float = 1e-4) -> Path:
+    """Save backbone + head as ONNX (inputs ``images``, ``targets``; outputs ``maps``, ``logits``; dynamic
+    batch), verified with onnxruntime when it is installed (``pip install onnxruntime``)."""
+    import importlib.util
+    import warnings
+
+    backbone, head = explainer.backbone, explainer.head
+    program = ExplainerProgram(backbone, head, per_image_classes=True).eval()
+    images = torch.rand(2, 3, *backbone.input_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.full((2,), -1, dtype=torch.long)
+    batch = {0: "batch"}
+    path = Path(path)
+    try:
+        with atomic_path(path) as temporary, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant here
+            torch.onnx.export(
+                program, (images, targets), str(temporary), input_names=["images", "targets"],
+                output_names=["maps", "logits"], opset_version=17, dynamo=False,
+                dynamic_axes={"images": batch, "targets": batch, "maps": batch, "logits": batch},
+            )  # fmt: skip
+    except Exception as error:  # the exporter's many failure types: say what could not be exported
+        hint = " (pip install 'tame-lit[onnx]')" if "not installed" in str(error) else ""
+        raise ExportError(f"ONNX export of {backbone.name} + {type(head).__name__} failed: {error}{hint}") from error
+    if verify and importlib.util.find_spec("onnxruntime") is not None:
+        verify_maps(explainer, OnnxExplainer(path), torch.rand(3, 3, *backbone.input_size), atol)
+    return path
+
+
+class OnnxExplainer(Explainer):
+    """An ``explainer.onnx`` file run by onnxruntime, as an ``Explainer`` (maps come back as torch tensors)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(backbone=None)  # type: ignore[arg-type]
+        import onnxruntime
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX explainer not found: {self.path.resolve()}")
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # a truncated or foreign file
+            raise InvalidExportError(f"{self.path}: not a readable ONNX model ({error})") from error
+        self._num_classes = int(self.session.get_outputs()[1].shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def __call__(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be float [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}")
+        if targets is None:
+            targets = torch.full((images.shape[0],), -1, dtype=torch.long)
+        targets = self.check_targets(targets, images.shape[0]) if (targets >= 0).all() else targets
+        feeds = {"images": images.detach().float().cpu().numpy(), "targets": targets.long().cpu().numpy()}
+        maps = self.session.run(["maps"], feeds)[0]
+        return torch.from_numpy(maps).to(images.device).float()
 
 
 class ExplainerProgram(nn.Module):
     """Backbone and head as one module: ``(images in [0, 1], targets) -> (maps, logits)``; a target < 0
     means the image's top-1 class. What ``torch.export`` captures for ``explainer.pt2``."""
 
-    def __init__(self, backbone: Backbone, head: ExplanationHead) -> None:
+    def __init__(self, backbone: Backbone, head: ExplanationHead, per_image_classes: bool = False) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.per_image_classes = per_image_classes
 
     def forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         logits, features = self.backbone.features(images, self.head.layers)
         targets = torch.where(targets < 0, logits.argmax(dim=1), targets)
-        return head_maps(self.head, features, targets, images.shape[-2:]), logits
+        if not self.per_image_classes:
+            return head_maps(self.head, features, targets, images.shape[-2:]), logits
+        # ONNX has no unique/searchsorted: compute each image's target for every image (B x B maps), keep the
+        # diagonal; the same maps, at a cost that grows with the batch
+        rows = torch.arange(images.shape[0], device=images.device)
+        own = self.head(features, targets)[rows, rows]
+        return upsample(normalize(own), images.shape[-2:]), logits
 
 
 def export_program(
@@ -284,14 +358,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--format",
         nargs="+",
-        choices=["head", "program"],
+        choices=["head", "program", "onnx"],
         default=["head"],
         help="head: head.safetensors + explainer.json (always written); program: also explainer.pt2, backbone "
-        "and head as one torch.export program",
+        "and head as one torch.export program; onnx: also explainer.onnx (verified with onnxruntime if installed)",
     )
     args = parser.parse_args(argv)
     try:
-        out = export_head(args.checkpoint, args.out, verify=not args.no_verify, program="program" in args.format)
+        out = export_head(
+            args.checkpoint,
+            args.out,
+            verify=not args.no_verify,
+            program="program" in args.format,
+            onnx="onnx" in args.format,
+        )
     except (FileNotFoundError, InvalidExportError, ExportError) as error:
         parser.exit(1, f"tame-export: error: {error}\n")
     print(f"exported to {out}")

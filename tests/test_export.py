@@ -164,3 +164,20 @@ def test_command_line_export(checkpoint, tmp_path):
     result = subprocess.run([sys.executable, "-m", "tame_lit.export", str(tmp_path / "absent.ckpt")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0 and "absent.ckpt" in result.stderr
+
+
+def test_onnx_export_reproduces_the_maps_in_onnxruntime(checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = export_head(checkpoint, tmp_path / "export", onnx=True)  # verified within 1e-4 while writing
+    onnx = load_explainer(out / "explainer.onnx")
+    eager = load_explainer(out)
+    torch.manual_seed(2)
+    images = torch.rand(5, 3, 64, 64)
+    targets = torch.tensor([0, 9, 4, 4, 1])
+    assert onnx.num_classes == 10
+    torch.testing.assert_close(onnx(images, targets), eager(images, targets), rtol=0, atol=1e-4)
+    top1 = eager.backbone(images).argmax(dim=1)
+    torch.testing.assert_close(onnx(images), eager(images, top1), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        onnx(images, torch.tensor([0, 1, 2, 3, 10]))

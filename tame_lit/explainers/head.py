@@ -55,6 +55,10 @@ def load_explainer(
     from tame_lit.training import HeadTrainingModule
 
     path = Path(path)
+    if path.suffix == ".onnx":  # run by onnxruntime (tame_lit.export.export_onnx)
+        from tame_lit.export import OnnxExplainer
+
+        return OnnxExplainer(path)
     if path.suffix == ".pt2":  # a standalone program (tame_lit.export.export_program)
         from tame_lit.export import ProgramExplainer
 
