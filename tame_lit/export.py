@@ -133,9 +133,11 @@ def export_head(
         images = torch.rand(4, 3, *backbone.input_size, generator=torch.Generator().manual_seed(0))
         verify_maps(eager, load_export(out, backbone=backbone), images, atol)
     if program:
-        export_program(eager, out / PROGRAM_FILE, metadata, verify=verify, atol=atol)
+        metadata["program_sha256"] = sha256(export_program(eager, out / PROGRAM_FILE, metadata, verify, atol))
     if onnx:
-        export_onnx(eager, out / ONNX_FILE, verify=verify, atol=atol)
+        metadata["onnx_sha256"] = sha256(export_onnx(eager, out / ONNX_FILE, verify=verify, atol=atol))
+    if program or onnx:
+        write_json(out / METADATA_FILE, metadata)
     return out
 
 
@@ -165,6 +167,25 @@ def export_onnx(explainer: HeadExplainer, path: str | os.PathLike, verify: bool 
     if verify and importlib.util.find_spec("onnxruntime") is not None:
         verify_maps(explainer, OnnxExplainer(path), torch.rand(3, 3, *backbone.input_size), atol)
     return path
+
+
+def _check_recorded_checksum(path: Path, key: str) -> None:
+    metadata_path = path.parent / METADATA_FILE
+    try:
+        expected = json.loads(metadata_path.read_text()).get(key)
+    except (OSError, json.JSONDecodeError):
+        expected = None
+    if expected is None:
+        raise InvalidExportError(
+            f"{path}: no SHA-256 for it in {metadata_path}; torch.export.load can unpickle objects from a program "
+            "file, so tame-lit loads only programs its export recorded (or pass trusted=True for one you made)"
+        )
+    actual = sha256(path)
+    if actual != expected:
+        raise InvalidExportError(
+            f"{path}: checksum mismatch (sha256 {actual[:16]}..., {METADATA_FILE} says {expected[:16]}...): the file "
+            "was changed or truncated after export"
+        )
 
 
 class OnnxExplainer(Explainer):
@@ -245,18 +266,24 @@ def export_program(
     with atomic_path(path) as temporary:
         torch.export.save(exported, str(temporary), extra_files=extra)
     if verify:
-        verify_maps(explainer, ProgramExplainer(path), images, atol)
+        verify_maps(explainer, ProgramExplainer(path, trusted=True), images, atol)
     return path
 
 
 class ProgramExplainer(Explainer):
-    """An ``explainer.pt2`` program as an ``Explainer`` (no tame-lit model code involved in the maps)."""
+    """An ``explainer.pt2`` program as an ``Explainer`` (no tame-lit model code involved in the maps).
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    ``torch.export.load`` may unpickle objects stored in the file, so a program is loaded only when the
+    ``explainer.json`` beside it (written by the export) records its SHA-256, or with ``trusted=True``.
+    """
+
+    def __init__(self, path: str | os.PathLike, trusted: bool = False) -> None:
         super().__init__(backbone=None)  # type: ignore[arg-type]
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"explainer program not found: {path.resolve()}")
+        if not trusted:
+            _check_recorded_checksum(path, "program_sha256")
         extra = {METADATA_FILE: ""}
         try:
             self.program = torch.export.load(str(path), extra_files=extra).module()
