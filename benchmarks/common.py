@@ -16,3 +16,16 @@ def steady_allocator() -> None:
     """Re-run this script with the allocator settings above, unless they are set (call it first)."""
     if any(os.environ.get(key) != value for key, value in STEADY_ALLOCATOR.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_ALLOCATOR})
+
+
+def benchmark_parser(doc: str | None, batch: int):
+    """The options every benchmark takes: ``--device``, ``--batch``, ``--size``."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--size", type=int, default=224)
+    return parser

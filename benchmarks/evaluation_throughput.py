@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import steady_allocator
+from common import benchmark_parser, steady_allocator
 from explainer_throughput import photos
 
 from tame_lit import backbones, explainers
@@ -39,12 +39,31 @@ def best_seconds(call: Callable[[], object], repeats: int, device: str) -> float
     return min(times)
 
 
+def rates(backbone, explainer, images: torch.Tensor, args: argparse.Namespace) -> tuple[float, float, float]:
+    """Images per second of the explainer alone, of the AD/IC metric part alone (fixed maps), and of both."""
+    with torch.no_grad():
+        logits = backbone(images)
+    targets = logits.argmax(dim=1)
+    clean = class_probability(logits, targets)
+    metrics = [AverageDropIncrease() for _ in KEEP]
+
+    def score(maps: torch.Tensor) -> None:
+        with torch.inference_mode():
+            for metric, fraction in zip(metrics, KEEP, strict=True):
+                metric.update(clean, masked_probability(backbone, images, maps, targets, fraction))
+
+    maps = explainer(images, targets)
+    timed = [
+        lambda: explainer(images, targets),
+        lambda: score(maps),
+        lambda: score(explainer(images, targets)),
+    ]
+    return tuple(args.batch / best_seconds(call, args.repeats, args.device) for call in timed)
+
+
 def main() -> None:
     steady_allocator()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
+    parser = benchmark_parser(__doc__, batch=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--explainers", nargs="+", default=["gradcam", "gradcampp", "layercam", "random"])
     args = parser.parse_args()
@@ -55,28 +74,7 @@ def main() -> None:
         forward = args.batch / best_seconds(lambda: backbone(images), args.repeats, args.device)
     rows = [("plain forward", f"{forward:.1f}", "", "", "", "")]
     for name in args.explainers:
-        explainer = explainers.create(name, backbone)
-        with torch.no_grad():
-            logits = backbone(images)
-        targets = logits.argmax(dim=1)
-        clean = class_probability(logits, targets)
-        maps = explainer(images, targets)
-        metrics = [AverageDropIncrease() for _ in KEEP]
-
-        def metric_part() -> None:
-            with torch.inference_mode():
-                for metric, fraction in zip(metrics, KEEP, strict=True):
-                    metric.update(clean, masked_probability(backbone, images, maps, targets, fraction))
-
-        def full() -> None:
-            explained = explainer(images, targets)
-            with torch.inference_mode():
-                for metric, fraction in zip(metrics, KEEP, strict=True):
-                    metric.update(clean, masked_probability(backbone, images, explained, targets, fraction))
-
-        explain_rate = args.batch / best_seconds(lambda e=explainer: e(images, targets), args.repeats, args.device)
-        metric_rate = args.batch / best_seconds(metric_part, args.repeats, args.device)
-        full_rate = args.batch / best_seconds(full, args.repeats, args.device)
+        explain_rate, metric_rate, full_rate = rates(backbone, explainers.create(name, backbone), images, args)
         rows.append(
             (
                 name,

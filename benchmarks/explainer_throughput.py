@@ -11,13 +11,12 @@ optional benchmark dependency) is measured for the methods it also has, when it 
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import steady_allocator
+from common import benchmark_parser, steady_allocator
 
 from tame_lit import backbones, explainers
 
@@ -81,13 +80,10 @@ def grad_cam_call(name: str, backbone: backbones.Backbone, layer: str, images: t
 
 def main() -> None:
     steady_allocator()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = benchmark_parser(__doc__, batch=16)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
     parser.add_argument("--methods", nargs="+", default=[m for m in explainers.available() if m != "random"])
-    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--slow-batch", type=int, default=1)
-    parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rise-masks", type=int, default=4000)
     parser.add_argument("--no-grad-cam", action="store_true", help="skip pytorch-grad-cam")

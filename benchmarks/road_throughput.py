@@ -11,13 +11,12 @@ runs on ``--theirs-images`` images only.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from common import steady_allocator
+from common import benchmark_parser, steady_allocator
 from explainer_throughput import photos
 
 from tame_lit import backbones, explainers
@@ -97,10 +96,7 @@ def theirs(backbone: backbones.Backbone, images: torch.Tensor, maps: torch.Tenso
 
 def main() -> None:
     steady_allocator()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
+    parser = benchmark_parser(__doc__, batch=32)
     parser.add_argument("--theirs-images", type=int, default=2, help="images for pytorch-grad-cam (0: skip)")
     parser.add_argument("--solver-images", type=int, default=8, help="images for the CG iteration table")
     parser.add_argument("--repeats", type=int, default=2, help="our timings: the fastest of this many runs")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import steady_allocator
+from common import benchmark_parser, steady_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
@@ -109,10 +109,7 @@ def loading(batch: int, workers: int, batches: int) -> float:
 
 def main() -> None:
     steady_allocator()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224)
+    parser = benchmark_parser(__doc__, batch=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
     parser.add_argument("--workers", type=int, default=2)

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tame_lit import __version__
+from tame_lit import __version__, heads
 from tame_lit.backbones import Backbone
 from tame_lit.explainers.base import Explainer
-from tame_lit.explainers.head import HeadExplainer, head_maps
-from tame_lit.heads import HEADS, ExplanationHead
+from tame_lit.explainers.head import HeadExplainer, head_from_checkpoint, head_maps, read_checkpoint
+from tame_lit.heads import ExplanationHead
 from tame_lit.io import atomic_path, write_json
 from tame_lit.maps import normalize, upsample
 
@@ -65,14 +65,6 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _build_head(config: dict[str, Any], layer_shapes: dict[str, list[int]], num_classes: int) -> ExplanationHead:
-    name = config["name"]
-    if name not in HEADS:
-        raise InvalidExportError(f"unknown head {name!r}; this tame-lit has {sorted(HEADS)}")
-    options = {key: value for key, value in config.items() if key not in ("name", "layers")}
-    return HEADS[name](layer_shapes, num_classes, **options)
-
-
 def export_head(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -93,20 +85,15 @@ def export_head(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint.resolve()}")
-    data = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    saved = data.get("tame_lit") if isinstance(data, dict) else None
-    if saved is None:
-        raise InvalidExportError(f"{checkpoint}: not a tame-lit checkpoint (no 'tame_lit' entry)")
-    settings = data["hyper_parameters"]
+    data = read_checkpoint(checkpoint)
+    saved, settings = data["tame_lit"], data["hyper_parameters"]
     head_config = dict(settings["head"])
-    head = _build_head(head_config, saved["layer_shapes"], saved["num_classes"])
-    state = {key[len("head.") :]: value for key, value in data["state_dict"].items() if key.startswith("head.")}
-    head.load_state_dict(state)
+    backbone = backbones.create(**settings["backbone"])
+    head = head_from_checkpoint(checkpoint, backbone, data)
     out = Path(out) if out is not None else checkpoint.parent.parent / "export"
     weights = out / WEIGHTS_FILE
     with atomic_path(weights) as temporary:
         save_file({key: value.contiguous() for key, value in head.state_dict().items()}, str(temporary))
-    backbone = backbones.create(**settings["backbone"])
     metadata = {
         "format": "tame-lit-explainer",
         "format_version": FORMAT_VERSION,
@@ -209,8 +196,7 @@ class OnnxExplainer(Explainer):
         return self._num_classes
 
     def __call__(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be float [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}")
+        self.check_images(images)
         if targets is None:
             targets = torch.full((images.shape[0],), -1, dtype=torch.long)
         targets = self.check_targets(targets, images.shape[0]) if (targets >= 0).all() else targets
@@ -297,8 +283,7 @@ class ProgramExplainer(Explainer):
         return int(self.metadata["num_classes"])
 
     def __call__(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be float [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}")
+        self.check_images(images)
         if targets is None:
             targets = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
         else:
@@ -369,7 +354,8 @@ def load_export(
     shapes = {name: list(shape) for name, shape in backbone.layer_shapes(list(layer_shapes)).items()}
     if shapes != layer_shapes:
         raise InvalidExportError(f"{folder}: the head reads layers {layer_shapes}, but this backbone gives {shapes}")
-    head = _build_head(head_config, layer_shapes, num_classes)
+    options = {key: value for key, value in head_config.items() if key not in ("name", "layers")}
+    head = heads.create(head_config["name"], backbone, list(layer_shapes), **options)
     try:
         head.load_state_dict(state)
     except RuntimeError as error:
@@ -399,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             program="program" in args.format,
             onnx="onnx" in args.format,
         )
-    except (FileNotFoundError, InvalidExportError, ExportError) as error:
+    except (FileNotFoundError, ValueError, ExportError) as error:  # ValueError: bad checkpoint or export
         parser.exit(1, f"tame-export: error: {error}\n")
     print(f"exported to {out}")
 

@@ -113,10 +113,8 @@ def print_table(results: Mapping[str, Mapping[str, float]], title: str) -> None:
     table = Table(title=title, show_lines=False)
     for index, name in enumerate(header):
         table.add_column(name, justify="left" if index == 0 else "right")
-    for row in rows:
-        table.add_row(
-            *[cell.replace("**", "") if "**" not in cell else f"[bold]{cell.strip('*')}[/bold]" for cell in row]
-        )
+    for row in rows:  # markdown bold (the best value) becomes rich bold
+        table.add_row(*[f"[bold]{cell[2:-2]}[/bold]" if cell.startswith("**") else cell for cell in row])
     Console(width=max(160, 14 * len(header))).print(table)
 
 

@@ -38,8 +38,7 @@ class Explainer:
         return self.backbone.num_classes
 
     def __call__(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be float [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}")
+        self.check_images(images)
         if targets is not None:
             targets = self.check_targets(targets, images.shape[0]).to(images.device)
         with preserved_state(self.backbone), contextlib.ExitStack() as stack:
@@ -56,6 +55,11 @@ class Explainer:
         if maps.shape != (images.shape[0], *images.shape[-2:]):
             raise RuntimeError(f"{type(self).__name__} returned {tuple(maps.shape)} for images {tuple(images.shape)}")
         return maps.detach().float()
+
+    @staticmethod
+    def check_images(images: Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be float [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}")
 
     def check_targets(self, targets: Tensor | int | list, batch: int) -> Tensor:
         targets = torch.as_tensor(targets)

@@ -15,7 +15,7 @@ from tame_lit.features import preserved_state
 from tame_lit.heads import ExplanationHead, select_classes
 from tame_lit.maps import normalize, upsample
 
-__all__ = ["HeadExplainer", "head_from_checkpoint", "head_maps", "load_explainer"]
+__all__ = ["HeadExplainer", "head_from_checkpoint", "head_maps", "load_explainer", "read_checkpoint"]
 
 
 def head_maps(head: ExplanationHead, features: dict[str, Tensor], targets: Tensor, size: tuple[int, int]) -> Tensor:
@@ -75,19 +75,31 @@ def load_explainer(
     return HeadExplainer(module.backbone.eval(), module.head.eval())
 
 
-def head_from_checkpoint(path: str | os.PathLike, backbone: Backbone) -> ExplanationHead:
-    """The trained head of a tame-lit checkpoint, built for ``backbone`` (which must be the one it was trained
-    on: same architecture, classes and layer shapes; other weights only warn)."""
-    from tame_lit import heads
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A tame-lit checkpoint's contents, read with ``weights_only=True``; foreign or broken files are
+    refused with the reason."""
     from tame_lit.training import IncompatibleCheckpointError
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which
         raise IncompatibleCheckpointError(f"{path}: not a readable tame-lit checkpoint ({error})") from error
-    saved = checkpoint.get("tame_lit") if isinstance(checkpoint, dict) else None
-    if saved is None or "hyper_parameters" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "tame_lit" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise IncompatibleCheckpointError(f"{path}: not a tame-lit checkpoint (no 'tame_lit' entry)")
+    return checkpoint
+
+
+def head_from_checkpoint(
+    path: str | os.PathLike, backbone: Backbone, checkpoint: dict | None = None
+) -> ExplanationHead:
+    """The trained head of a tame-lit checkpoint, built for ``backbone`` (which must be the one it was trained
+    on: same architecture, classes and layer shapes; other weights only warn). ``checkpoint``: the file's
+    contents when the caller has already read them."""
+    from tame_lit import heads
+    from tame_lit.training import IncompatibleCheckpointError
+
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    saved = checkpoint["tame_lit"]
     if saved.get("backbone") != backbone.name or saved.get("num_classes") != backbone.num_classes:
         raise IncompatibleCheckpointError(
             f"{path}: the head was trained on backbone {saved.get('backbone')!r} ({saved.get('num_classes')} "
