@@ -1,13 +1,14 @@
-"""Training throughput of the TAME step against the backbone's plain inference forward.
+"""Training and explanation throughput of each head (TAME, SA-CAM) against the backbone's plain forward.
 
-Compute only, on one preloaded batch: ``inference`` is ``backbone(x)`` under ``inference_mode``; the TAME
-step is a clean forward, the head, the masked forward, the backward to the input and the SGD step.
-``tame (all classes)`` computes all class maps and selects afterwards (the naive way); ``tame`` computes
-only the maps of the batch's labels (what ``HeadTrainingModule`` does; same loss). Data loading (JPEG
-decode + resize + crop in worker processes) is measured separately. Each configuration runs in a fresh
-process so that its peak memory (CUDA: max allocated; CPU: peak RSS) is its own.
+Compute only, on one preloaded batch: ``inference`` is ``backbone(x)`` under ``inference_mode``; a
+training step is a clean forward, the head, the masked forward, the backward to the input and the SGD
+step. ``(all classes)`` computes all class maps and selects afterwards (the naive way); the plain head row
+computes only the maps of the batch's labels (what ``HeadTrainingModule`` does; same loss); ``explain`` is
+``HeadExplainer`` (one forward, the head, the top-1 map). Data loading (JPEG decode + resize + crop in worker
+processes) is measured separately. Each configuration runs in a fresh process so that its peak memory
+(CUDA: max allocated; CPU: peak RSS) is its own.
 
-    python benchmarks/train_throughput.py [--device cuda] [--batch 16] [--steps 10]
+    python benchmarks/train_throughput.py [--device cuda] [--batch 16] [--steps 10] [--heads tame sacam]
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
 
     torch.manual_seed(0)
     weights = "imagenet" if backbone_name == "efficientnet_lite0" else None
-    module = HeadTrainingModule(backbone={"name": backbone_name, "weights": weights}, head={"name": "tame"})
+    head_name, _, variant = mode.partition(":")
+    head = {"name": "tame" if head_name == "inference" else head_name}
+    if head["name"] == "sacam":
+        head["init_from_classifier"] = True
+    module = HeadTrainingModule(backbone={"name": backbone_name, "weights": weights}, head=head)
     module.to(device).train()
     images = batch_of_images(batch, size).to(device)
     optimizer = torch.optim.SGD(module.head.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
@@ -57,7 +62,7 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
         with torch.no_grad():
             logits, features = module.backbone.features(images, module.head.layers)
         labels = logits.argmax(dim=1)
-        if mode == "tame_all":
+        if variant == "all":
             all_maps = module.head(features)
             original = module.head.forward
             module.head.forward = lambda feats, classes=None: all_maps if classes is None else all_maps[:, classes]
@@ -71,7 +76,10 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
         terms["loss"].backward()
         optimizer.step()
 
-    step = inference if mode == "inference" else tame_step
+    def explain() -> None:
+        module.explainer(images)
+
+    step = inference if mode == "inference" else explain if variant == "explain" else tame_step
     for _ in range(2):
         step()
     if device == "cuda":
@@ -112,6 +120,7 @@ def main() -> None:
     parser = benchmark_parser(__doc__, batch=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    parser.add_argument("--heads", nargs="+", default=["tame", "sacam"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--one", nargs=2, metavar=("BACKBONE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -123,18 +132,24 @@ def main() -> None:
     rows = []
     for name in args.backbones:
         results = {}
-        for mode in ("inference", "tame_all", "tame"):
+        modes = ["inference"]
+        for head in args.heads:
+            modes += [f"{head}:all", head, f"{head}:explain"] if head == "tame" else [head, f"{head}:explain"]
+        for mode in modes:
             command = [sys.executable, __file__, "--one", name, mode, "--device", args.device,
                        "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps)]  # fmt: skip
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[mode] = json.loads(output.strip().splitlines()[-1])
         base = results["inference"]["images_per_s"]
-        for mode, label in (("inference", "inference forward"), ("tame_all", "tame (all classes)"), ("tame", "tame")):
+        for mode in modes:
+            head, _, variant = mode.partition(":")
+            label = {"all": f"{head} step (all classes)", "explain": f"{head} explain", "": f"{head} step"}[variant]
             rate = results[mode]["images_per_s"]
-            rows.append((name, label, rate, rate / base, results[mode]["peak_mib"]))
+            rows.append((name, "inference forward" if mode == "inference" else label, rate, rate / base,
+                         results[mode]["peak_mib"]))  # fmt: skip
 
     print(f"\ndevice={args.device} batch={args.batch} size={args.size}px steps={args.steps} torch={torch.__version__}")
-    print("| backbone | step | images/s | ratio to inference | peak memory (MiB) |")
+    print("| backbone | what | images/s | ratio to inference | peak memory (MiB) |")
     print("|---|---|---:|---:|---:|")
     for name, label, rate, ratio, peak in rows:
         print(f"| {name} | {label} | {rate:.1f} | {ratio:.3f} | {peak:.0f} |")

@@ -117,6 +117,47 @@ class Backbone(nn.Module):
             self._shape_cache[layers] = (shapes, logits.shape[1])
         return self._shape_cache[layers]
 
+    def linear_classifier(self, layer: str | None = None) -> nn.Linear:
+        """The linear layer that turns the global average of ``layer`` (default: the CAM layer) into logits.
+
+        CAM (Zhou et al. 2016) and heads that start from it need ``logits = W mean_ij(A_ij) + b``. Found as the
+        last ``nn.Linear`` reading ``C`` features into the class count, and checked numerically on noise
+        images, so a layer or network without that structure (VGG's three FC layers) is refused by name.
+        """
+        layer = layer or self.cam_layer
+        channels = self.layer_shapes([layer])[layer][0]
+        hint = (
+            "CAM needs a network that ends in global average pooling and one linear layer (VGG's classifier has "
+            "three FC layers: use Grad-CAM there), read at the features right before the pooling"
+            + (f" (try layer {self.cam_layer!r})" if layer != self.cam_layer else "")
+        )
+        found = [
+            module
+            for module in self.model.modules()
+            if isinstance(module, nn.Linear) and module.in_features == channels
+            and module.out_features == self.num_classes
+        ]  # fmt: skip
+        if not found:
+            raise ValueError(
+                f"{self.name} has no linear layer from the {channels} channels of layer {layer!r} to its "
+                f"{self.num_classes} classes, so its logits are not a linear readout of that layer's global average; "
+                f"{hint}"
+            )
+        linear = found[-1]
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.rand(2, 3, *self.input_size, generator=generator).to(self.mean.device)
+        with preserved_state(self), torch.no_grad():
+            self.eval()
+            logits, features = self.features(probe, [layer])
+            readout = linear(features[layer].mean(dim=(2, 3)))
+        error = (logits.float() - readout.float()).abs().max().item()
+        if error > 1e-4 * max(1.0, logits.abs().max().item()):
+            raise ValueError(
+                f"the logits of {self.name} are not a linear readout of the global average of layer {layer!r} "
+                f"(off by up to {error:.3g}); {hint}"
+            )
+        return linear
+
     def fingerprint(self) -> str:
         """A cheap digest of the weights, to notice a head being used with other weights than its own."""
         if self._fingerprint is None:

@@ -32,6 +32,7 @@ __all__ = [
     "collate",
     "embedded_samples",
     "eval_transform",
+    "first_per_class",
     "folder_samples",
     "imagenet_class_names",
     "list_samples",
@@ -352,15 +353,33 @@ class EvenlySplitSampler(DistributedSampler):
         return iter(range(self.rank, len(self.dataset), self.num_replicas))
 
 
+def first_per_class(samples: Sequence[Sample], count: int) -> list[Sample]:
+    """The first ``count`` samples of each label, in the original order."""
+    seen: dict[int, int] = {}
+    kept = []
+    for path, label in samples:
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= count:
+            kept.append((path, label))
+    return kept
+
+
+def _at_least_one(value: object, key: str) -> int:
+    if int(value) < 1:
+        raise ValueError(f"{key} must be >= 1, got {value}")
+    return int(value)
+
+
 class ImageDataModule(L.LightningDataModule):
     """Images from ImageFolder trees or TAME list files.
 
     ``root``: the images to evaluate on (validation during training, the set ``evaluate.py`` scores), an
     ImageFolder tree (``root/<class>/<image>``, ImageNet's ``val/`` after the usual class-folder
     arrangement) or, with ``list_file``, the folder its ``path label`` lines are relative to; ``limit`` keeps
-    the first N images in folder/list order. ``train_root``/``train_list``/``train_limit``: the same for the
-    training images. ``boxes_dir``: bounding boxes of the ``root`` images (ImageNet validation XML), for
-    the pointing games. ``eval_batch_size`` defaults to ``batch_size``.
+    the first N images in folder/list order, ``limit_per_class`` the first N of each class (a class-balanced
+    subset; applied before ``limit``). ``train_root``/``train_list``/``train_limit``/``train_limit_per_class``:
+    the same for the training images. ``boxes_dir``: bounding boxes of the ``root`` images (ImageNet
+    validation XML), for the pointing games. ``eval_batch_size`` defaults to ``batch_size``.
     """
 
     def __init__(
@@ -371,6 +390,8 @@ class ImageDataModule(L.LightningDataModule):
         train_list: str | None = None,
         limit: int | None = None,
         train_limit: int | None = None,
+        limit_per_class: int | None = None,
+        train_limit_per_class: int | None = None,
         boxes_dir: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -406,11 +427,13 @@ class ImageDataModule(L.LightningDataModule):
         samples = self._samples(split)
         if samples is None:
             return None
-        limit = self.hparams.train_limit if split == "train" else self.hparams.limit
+        prefix = "train_" if split == "train" else ""
+        per_class = self.hparams[f"{prefix}limit_per_class"]
+        if per_class is not None:
+            samples = first_per_class(samples, _at_least_one(per_class, f"data.{prefix}limit_per_class"))
+        limit = self.hparams[f"{prefix}limit"]
         if limit is not None:
-            if int(limit) < 1:
-                raise ValueError(f"data.{'train_limit' if split == 'train' else 'limit'} must be >= 1, got {limit}")
-            samples = samples[: int(limit)]
+            samples = samples[: _at_least_one(limit, f"data.{prefix}limit")]
         boxes = None
         if split == "eval" and self.hparams.boxes_dir:
             folder_index = {name: index for index, name in enumerate(self.class_names or [])}

@@ -38,8 +38,9 @@ class IncompatibleCheckpointError(ValueError):
 class OptimizerConfig:
     """SGD with Nesterov momentum and OneCycleLR stepped per batch (tame.md §2.4).
 
-    Parameters named ``*bias`` get ``bias_lr_factor`` x the learning rate and no weight decay; all others
-    (conv weights, batch-norm scales) get ``weight_decay``.
+    Parameters named ``*bias`` get ``bias_lr_factor`` x the learning rate and no weight decay; scalar gains
+    (SA-CAM's ``gamma``) get no weight decay, which would pull them back to 0; all others (conv weights,
+    batch-norm scales) get ``weight_decay``.
     """
 
     max_lr: float = 1e-3
@@ -141,6 +142,8 @@ class HeadTrainingModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
         agreement = (masked_logits.argmax(dim=1) == logits.argmax(dim=1)).float().mean()
         self.log("train/masked_agreement", agreement, batch_size=batch_size)
+        for layer, gamma in getattr(self.head, "gammas", dict)().items():  # SA-CAM: attention mixed in
+            self.log(f"train/gamma/{layer}", gamma, batch_size=batch_size)
         return terms["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -184,15 +187,19 @@ class HeadTrainingModule(L.LightningModule):
     # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
-        weights, biases = [], []
+        weights, biases, gains = [], [], []
         for name, param in self.head.named_parameters():
             if param.requires_grad:
-                (biases if name.endswith("bias") else weights).append(param)
+                group = biases if name.endswith("bias") else gains if param.dim() == 0 else weights
+                group.append(param)
+        groups = [
+            ({"params": weights, "weight_decay": config.weight_decay}, config.max_lr),
+            ({"params": biases, "weight_decay": 0.0}, config.max_lr * config.bias_lr_factor),
+            ({"params": gains, "weight_decay": 0.0}, config.max_lr),
+        ]
+        groups = [(group, lr) for group, lr in groups if group["params"]]
         optimizer = torch.optim.SGD(
-            [
-                {"params": weights, "weight_decay": config.weight_decay},
-                {"params": biases, "weight_decay": 0.0},
-            ],
+            [group for group, _ in groups],
             lr=config.max_lr,
             momentum=config.momentum,
             nesterov=config.nesterov,
@@ -205,7 +212,7 @@ class HeadTrainingModule(L.LightningModule):
             )
         scheduler = OneCycleLR(
             optimizer,
-            max_lr=[config.max_lr, config.max_lr * config.bias_lr_factor],
+            max_lr=[lr for _, lr in groups],
             total_steps=int(total_steps),
             pct_start=config.pct_start,
             div_factor=config.div_factor,
@@ -229,6 +236,7 @@ class HeadTrainingModule(L.LightningModule):
             "weights": self.backbone.weights_source,
             "weights_fingerprint": self.backbone.fingerprint(),
             "head": self.hparams["head"]["name"],
+            "head_options": {k: v for k, v in self.hparams["head"].items() if k not in ("name", "layers")},
             "layer_shapes": {name: list(shape) for name, shape in self.head.layer_shapes.items()},
             "num_classes": self.head.num_classes,
         }
@@ -238,8 +246,8 @@ class HeadTrainingModule(L.LightningModule):
         if saved is None:
             raise IncompatibleCheckpointError("this checkpoint was not written by tame-lit (no 'tame_lit' entry)")
         mine = self._compatibility()
-        for key in ("backbone", "head", "layer_shapes", "num_classes"):
-            if saved.get(key) != mine[key]:
+        for key in ("backbone", "head", "head_options", "layer_shapes", "num_classes"):
+            if key in saved and saved[key] != mine[key]:
                 raise IncompatibleCheckpointError(
                     f"checkpoint was trained with {key}={saved.get(key)!r}, but this run has {key}={mine[key]!r}; "
                     f"run with the checkpoint's settings (backbone={saved.get('backbone')}, head={saved.get('head')},"

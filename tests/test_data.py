@@ -128,6 +128,22 @@ def test_limit_keeps_the_first_images(tmp_path):
     assert len(data.eval_dataset) == 4
 
 
+def test_limit_per_class_keeps_a_class_balanced_subset(tmp_path):
+    make_folder(tmp_path / "val")
+    make_folder(tmp_path / "train")
+    data = ImageDataModule(
+        root=str(tmp_path / "val"), train_root=str(tmp_path / "train"), limit_per_class=2, limit=3,
+        train_limit_per_class=1, num_workers=0, resize_size=16, crop_size=16,
+    )  # fmt: skip
+    data.setup("fit")
+    eval_labels = [label for _, label in data.eval_dataset.samples]
+    assert eval_labels == [0, 0, 217]  # two tench (index 0), then the limit of 3 cuts the springers (217)
+    assert sorted(label for _, label in data.train_dataset.samples) == [0, 217]
+    with pytest.raises(ValueError, match=r"data\.train_limit_per_class must be >= 1, got 0"):
+        ImageDataModule(root=str(tmp_path / "val"), train_root=str(tmp_path / "train"), train_limit_per_class=0,
+                        num_workers=0).setup("fit")  # fmt: skip
+
+
 def test_embedded_default_photos_load_from_installed_packages():
     samples = embedded_samples()
     assert len(samples) >= 15

@@ -270,3 +270,29 @@ def test_mean_rank_orders_by_the_primary_metrics():
     assert ranks["good"] == pytest.approx((1 + 1.5 + 1 + 1) / 4)
     assert ranks["mixed"] == pytest.approx((2 + 1.5 + 3 + 2) / 4)
     assert ranks["bad"] == pytest.approx((3 + 3 + 2 + 3) / 4)
+
+
+def test_a_trained_sacam_head_is_evaluated_beside_cam_and_its_export_loads(tmp_path):
+    data = image_folder(tmp_path / "images", count=4)
+    run = tmp_path / "train"
+    overrides = [*TINY_OVERRIDES, "head=sacam", "trainer.max_steps=2", "data.num_workers=0"]
+    train(compose_train(overrides, run))
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["tame_lit"]["head"] == "sacam" and saved["tame_lit"]["head_options"]["init_from_classifier"]
+    assert any(key.endswith(".gamma") for key in saved["state_dict"])
+    images = torch.rand(3, 3, 64, 64)
+    from tame_lit.explainers import load_explainer
+
+    backbone = load_explainer(checkpoint).backbone  # random weights: one copy for both
+    exported, trained = load_explainer(run / "export", backbone=backbone), load_explainer(checkpoint, backbone=backbone)
+    torch.testing.assert_close(exported(images), trained(images))
+    base = [*FAST_METRICS, "data=folder", f"data.root={data}", "logger=none"]
+    cfg = compose_train(
+        [*TINY_OVERRIDES, *base, "explainers=[sacam,cam,random]", f"heads.sacam.checkpoint={checkpoint}"],
+        tmp_path / "evaluate",
+        config="evaluate",
+    )
+    results = evaluate(cfg)
+    assert set(results) == {"sacam", "cam", "random"}
+    assert all(results[name]["images"] == 4 for name in results)

@@ -132,6 +132,13 @@ def test_resuming_from_a_checkpoint_of_another_backbone_is_refused(tmp_path):
         train(compose_train([*RUN, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "c"))
 
 
+def test_resuming_with_another_head_variant_is_refused(tmp_path):
+    train(compose_train([*RUN, "trainer.max_steps=1"], tmp_path / "a"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(IncompatibleCheckpointError, match=r"head_options=.*'standard'.*'no_skip'"):
+        train(compose_train([*RUN, "head.variant=no_skip", f"ckpt_path={last}"], tmp_path / "b"))
+
+
 def test_bf16_mixed_precision_on_cpu(tmp_path):
     metrics = train(compose_train([*RUN, "trainer.precision=bf16-mixed", "trainer.max_steps=3"], tmp_path))
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/AD@15"])

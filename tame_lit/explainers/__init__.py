@@ -25,6 +25,7 @@ __all__ = [
 
 # name -> "module:Class", imported on first use
 EXPLAINERS: dict[str, str] = {
+    "cam": "tame_lit.explainers.cam:CAM",
     "gradcam": "tame_lit.explainers.gradcam:GradCAM",
     "gradcampp": "tame_lit.explainers.gradcampp:GradCAMPlusPlus",
     "xgradcam": "tame_lit.explainers.xgradcam:XGradCAM",

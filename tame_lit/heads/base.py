@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ExplanationHead", "select_classes"]
+if TYPE_CHECKING:
+    from tame_lit.backbones import Backbone
+
+__all__ = ["ExplanationHead", "class_maps", "common_size", "resize", "select_classes"]
 
 
 class ExplanationHead(nn.Module):
@@ -26,6 +31,16 @@ class ExplanationHead(nn.Module):
         self.layers: tuple[str, ...] = tuple(layer_shapes)
         self.layer_shapes = {name: tuple(int(s) for s in shape) for name, shape in layer_shapes.items()}
         self.num_classes = int(num_classes)
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, layers: Sequence[str] | None = None, **options: object):
+        """The head for ``backbone``, reading ``layers`` (default: the backbone's default layers).
+
+        Heads that need more of the backbone than its layer shapes (e.g. its classifier, to start from CAM)
+        override this; ``heads.create`` and every checkpoint or export loader build heads through it.
+        """
+        layers = tuple(layers) if layers else backbone.default_layers
+        return cls(backbone.layer_shapes(layers), backbone.num_classes, **options)
 
     def forward(self, features: Mapping[str, Tensor], classes: Tensor | None = None) -> Tensor:
         raise NotImplementedError
@@ -51,3 +66,37 @@ def select_classes(maps: Tensor, classes: Tensor | None, labels: Tensor) -> Tens
     if classes is not None:
         labels = torch.searchsorted(classes, labels)
     return maps[torch.arange(maps.shape[0], device=maps.device), labels]
+
+
+def class_maps(fuser: nn.Conv2d, inputs: Sequence[Tensor], size: Sequence[int], classes: Tensor | None) -> Tensor:
+    """The fusion of multi-layer heads: ``fuser(concat(resize(x) for x in inputs))``, for all classes or only
+    for ``classes`` (their rows of the 1x1 conv).
+
+    A 1x1 conv and bilinear resizing commute (both linear, interpolation weights sum to 1), so with fewer
+    output maps than resized input channels each layer is convolved at its own size and only its maps are
+    resized: the same maps (up to rounding) without the ``[B, sum C, h, w]`` stack. With ``classes`` (what
+    training and explaining ask for) that is always the case; for all classes it is decided from the shapes.
+    """
+    weight = fuser.weight if classes is None else fuser.weight[classes]
+    bias = fuser.bias if classes is None or fuser.bias is None else fuser.bias[classes]
+    resized = sum(x.shape[1] for x in inputs if tuple(x.shape[-2:]) != tuple(size))
+    if classes is None and weight.shape[0] >= resized:
+        return F.conv2d(torch.cat([resize(x, size) for x in inputs], dim=1), weight, bias)
+    maps, start = None, 0
+    for x in inputs:
+        part = resize(F.conv2d(x, weight[:, start : start + x.shape[1]]), size)
+        maps = part if maps is None else maps + part
+        start += x.shape[1]
+    return maps if bias is None else maps + bias.view(1, -1, 1, 1).to(maps.dtype)
+
+
+def resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize (align_corners=False, as the original TAME); a no-op at the same size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def common_size(inputs: Sequence[Tensor], max_size: int) -> tuple[int, int]:
+    """Where multi-layer heads fuse: the first layer's size, each side capped at ``max_size`` (tame.md §1.2)."""
+    return tuple(min(int(s), max_size) for s in inputs[0].shape[-2:])

@@ -1,53 +1,84 @@
-"""TAME's attention head (Ntrougkas, Gkalelis, Mezaris, ISM 2022): multi-layer feature fusion."""
+"""TAME's attention head (Ntrougkas, Gkalelis, Mezaris, ISM 2022): multi-layer feature fusion, and the
+ablation variants of the original code (tame.md §1.5), so the ablation study can be reproduced."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tame_lit.heads.base import ExplanationHead
+from tame_lit.heads.base import ExplanationHead, class_maps, common_size
 
-__all__ = ["FeatureBranch", "TameHead"]
+__all__ = ["VARIANTS", "FeatureBranch", "TameHead"]
+
+# variant -> (branch output is the class count, batch norm, skip connection, activation); tame.md §1.2, §1.5
+VARIANTS: dict[str, tuple[bool, bool, bool, str]] = {
+    "standard": (False, True, True, "relu"),  # TAME: conv -> BN -> + input -> ReLU
+    "no_skip": (True, True, False, "relu"),  # "Noskipconnection": conv C -> classes -> BN -> ReLU
+    "no_skip_no_bn": (False, False, False, "relu"),  # "NoskipNobatchnorm": conv C -> C -> ReLU
+    "sigmoid_in_branch": (False, True, True, "sigmoid"),  # "Sigmoidinfeaturebranch": sigmoid for ReLU
+}
 
 
 class FeatureBranch(nn.Module):
-    """1x1 conv -> batch norm -> + input -> ReLU, keeping the layer's channels (spec tame.md §1.2)."""
+    """1x1 conv -> (batch norm) -> (+ input) -> activation; standard TAME keeps the layer's channels."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(
+        self, channels: int, out_channels: int | None = None, batch_norm: bool = True, skip: bool = True,
+        activation: str = "relu",
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=1, bias=True)
-        self.bn = nn.BatchNorm2d(channels)
+        out_channels = channels if out_channels is None else out_channels
+        if skip and out_channels != channels:
+            raise ValueError(f"a skip connection needs {channels} output channels (the input's), got {out_channels}")
+        if activation not in ("relu", "sigmoid"):
+            raise ValueError(f"activation must be 'relu' or 'sigmoid', got {activation!r}")
+        self.conv = nn.Conv2d(channels, out_channels, kernel_size=1, bias=True)
+        self.bn = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
+        self.skip = skip
+        self.activation = torch.relu if activation == "relu" else torch.sigmoid
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(x + self.bn(self.conv(x)))
+        y = self.bn(self.conv(x))
+        return self.activation(x + y if self.skip else y)
 
 
 class TameHead(ExplanationHead):
     """Per-layer branches, bilinear resize to the first layer's size capped at ``max_size``, concatenation,
-    and a 1x1 fusion conv to one map per class. Returns logits; the training mask is their sigmoid."""
+    and a 1x1 fusion conv to one map per class. Returns logits; the training mask is their sigmoid.
 
-    def __init__(self, layer_shapes: Mapping[str, Sequence[int]], num_classes: int, max_size: int = 56) -> None:
+    ``variant``: ``standard`` (TAME), or one of the original code's ablations ``no_skip``,
+    ``no_skip_no_bn``, ``sigmoid_in_branch`` (see ``VARIANTS``). ``no_skip`` branches map each layer to
+    one channel per class, so its fusion conv reads ``layers x classes`` channels.
+    """
+
+    def __init__(
+        self,
+        layer_shapes: Mapping[str, Sequence[int]],
+        num_classes: int,
+        max_size: int = 56,
+        variant: str = "standard",
+    ) -> None:
         super().__init__(layer_shapes, num_classes)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown TAME variant {variant!r}; valid: {list(VARIANTS)}")
         self.max_size = int(max_size)
+        self.variant = variant
+        to_classes, batch_norm, skip, activation = VARIANTS[variant]
         channels = [shape[0] for shape in self.layer_shapes.values()]
-        self.branches = nn.ModuleList(FeatureBranch(c) for c in channels)
-        self.fuser = nn.Conv2d(sum(channels), num_classes, kernel_size=1, bias=True)
+        outputs = [num_classes if to_classes else c for c in channels]
+        self.branches = nn.ModuleList(
+            FeatureBranch(c, out, batch_norm=batch_norm, skip=skip, activation=activation)
+            for c, out in zip(channels, outputs, strict=True)
+        )
+        self.fuser = nn.Conv2d(sum(outputs), num_classes, kernel_size=1, bias=True)
 
     def forward(self, features: Mapping[str, Tensor], classes: Tensor | None = None) -> Tensor:
         inputs = self.check_features(features)
-        size = tuple(min(s, self.max_size) for s in inputs[0].shape[-2:])
-        fused = [resize(branch(x), size) for branch, x in zip(self.branches, inputs, strict=True)]
-        stacked = torch.cat(fused, dim=1)
-        if classes is None:
-            return self.fuser(stacked)
-        return F.conv2d(stacked, self.fuser.weight[classes], self.fuser.bias[classes])
+        size = common_size(inputs, self.max_size)
+        branches = [branch(x) for branch, x in zip(self.branches, inputs, strict=True)]
+        return class_maps(self.fuser, branches, size, classes)
 
-
-def resize(x: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Bilinear resize (align_corners=False, as the original); a no-op at the same size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, max_size={self.max_size}"
