@@ -47,10 +47,14 @@ def test_attention_and_its_gradients_equal_the_written_formula(channels, reducti
     assert module.key_channels == max(1, channels // reduction)
 
 
-def test_gamma_zero_leaves_the_features_unchanged():
+def test_gamma_zero_leaves_the_features_unchanged_and_v_starts_as_the_identity():
     module = SpatialSelfAttention(24)
     x = torch.randn(2, 24, 5, 5)
     assert torch.equal(module(x), x)
+    torch.testing.assert_close(module.value(x), x)  # Att = A S^T at the start: attention-weighted smoothing
+    assert not torch.allclose(SpatialSelfAttention(24, value_init="random").value(x), x)
+    with pytest.raises(ValueError, match=r"value_init must be 'identity' or 'random', got 'eye'"):
+        SpatialSelfAttention(24, value_init="eye")
 
 
 def cam_logits(backbone: backbones.Backbone, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -158,26 +162,38 @@ def test_peak_memory_of_the_head_at_batch_32_stays_within_the_benchmark(lite0):
 
 @pytest.mark.real
 def test_a_short_run_on_imagenette_lowers_the_loss_and_moves_gamma(lite0, shared_data):
+    """From its CAM start, 20 steps on imagenette/train (224 px, batch 32, the experiment's learning rate)
+    lower the masking loss on held-out imagenette/val images and move every gamma away from 0."""
     torch.manual_seed(0)
     module = HeadTrainingModule(
         {"name": "efficientnet_lite0"}, {"name": "sacam", "init_from_classifier": True}, optimizer={"max_lr": 1e-2}
     )
     data = ImageDataModule(
-        train_root=str(shared_data / "imagenette" / "train"), batch_size=8, num_workers=2, resize_size=182,
-        crop_size=160, train_limit_per_class=8,
+        train_root=str(shared_data / "imagenette" / "train"), root=str(shared_data / "imagenette" / "val"),
+        batch_size=32, num_workers=2, train_limit_per_class=64, limit_per_class=4,
     )  # fmt: skip
-    losses: list[float] = []
+    data.setup("fit")
 
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
+    def held_out_loss() -> float:
+        module.eval()
+        total = count = 0.0
+        with torch.no_grad():
+            for batch in data.val_dataloader():
+                logits, features = module.backbone.features(batch["images"], module.head.layers)
+                terms, _ = module.masking_pass(batch["images"], features, logits.argmax(dim=1))
+                total += terms["loss"].item() * len(batch["images"])
+                count += len(batch["images"])
+        return total / count
 
+    before = held_out_loss()
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=40, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, limit_val_batches=0, callbacks=[Record()],
+        accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, data)
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3
+    after = held_out_loss()
     gammas = module.head.gammas()
+    print(f"held-out loss {before:.3f} -> {after:.3f}, gammas {gammas}")
+    assert after < before - 0.3
     assert set(gammas) == {"blocks.2", "blocks.4", "bn2"}
     assert all(abs(g) > 1e-3 for g in gammas.values()), gammas

@@ -139,8 +139,10 @@ def test_resuming_with_another_head_variant_is_refused(tmp_path):
         train(compose_train([*RUN, "head.variant=no_skip", f"ckpt_path={last}"], tmp_path / "b"))
 
 
-def test_bf16_mixed_precision_on_cpu(tmp_path):
-    metrics = train(compose_train([*RUN, "trainer.precision=bf16-mixed", "trainer.max_steps=3"], tmp_path))
+@pytest.mark.parametrize("head", ["tame", "sacam"])
+def test_bf16_mixed_precision_on_cpu(head, tmp_path):
+    overrides = [*RUN, f"head={head}", "trainer.precision=bf16-mixed", "trainer.max_steps=3"]
+    metrics = train(compose_train(overrides, tmp_path))
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/AD@15"])
     assert 0 <= metrics["val/AD@15"] <= 100
 

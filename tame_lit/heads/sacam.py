@@ -39,15 +39,21 @@ class SpatialSelfAttention(nn.Module):
 
     max_group_width: ClassVar[int] = 256  # the largest head width of the CUDA flash kernels
 
-    def __init__(self, channels: int, reduction: int = 8) -> None:
+    def __init__(self, channels: int, reduction: int = 8, value_init: str = "identity") -> None:
         super().__init__()
         if reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {reduction}")
+        if value_init not in ("identity", "random"):
+            raise ValueError(f"value_init must be 'identity' or 'random', got {value_init!r}")
         self.channels = int(channels)
         self.key_channels = max(1, self.channels // int(reduction))
         self.query = nn.Conv2d(self.channels, self.key_channels, kernel_size=1)
         self.key = nn.Conv2d(self.channels, self.key_channels, kernel_size=1)
         self.value = nn.Conv2d(self.channels, self.channels, kernel_size=1)
+        if value_init == "identity":  # the branch starts as attention-weighted smoothing of the features
+            with torch.no_grad():
+                self.value.weight.copy_(torch.eye(self.channels).view(self.channels, self.channels, 1, 1))
+                self.value.bias.zero_()
         self.gamma = nn.Parameter(torch.zeros(()))
         widest = min(_multiple_of_8(self.channels), self.max_group_width)
         self.group_width = max(_multiple_of_8(self.key_channels), widest)
@@ -85,6 +91,9 @@ class SACAMHead(ExplanationHead):
     ``attention_layers``: the layers that get an attention branch (default: all). Attention costs
     ``(h*w)^2`` per image in time, so a 56x56 layer can be left out. ``reduction``: ``Q, K`` have
     ``C / reduction`` channels. ``max_size``: the common size is the first layer's, capped at this.
+    ``value_init``: ``identity`` starts ``V`` as the identity, so a growing ``gamma`` mixes in an
+    attention-weighted smoothing of the features (methods.md §A's parameter-free form) rather than a random
+    projection of them; ``random`` is SAGAN's initialisation.
     """
 
     def __init__(
@@ -94,6 +103,7 @@ class SACAMHead(ExplanationHead):
         attention_layers: Sequence[str] | None = None,
         reduction: int = 8,
         max_size: int = 56,
+        value_init: str = "identity",
     ) -> None:
         super().__init__(layer_shapes, num_classes)
         chosen = self.layers if attention_layers is None else tuple(attention_layers)
@@ -106,7 +116,10 @@ class SACAMHead(ExplanationHead):
         self.max_size = int(max_size)
         self.reduction = int(reduction)
         self.attention = nn.ModuleDict(
-            {_key(name): SpatialSelfAttention(self.layer_shapes[name][0], reduction) for name in self.attention_layers}
+            {
+                _key(name): SpatialSelfAttention(self.layer_shapes[name][0], reduction, value_init)
+                for name in self.attention_layers
+            }
         )
         channels = sum(shape[0] for shape in self.layer_shapes.values())
         self.fuser = nn.Conv2d(channels, num_classes, kernel_size=1, bias=True)
