@@ -64,12 +64,13 @@ def cam_logits(backbone: backbones.Backbone, features: torch.Tensor, size: tuple
     return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "efficientnet_lite0"])
-def test_the_untrained_head_started_from_the_classifier_is_cam(name, lite0):
+@pytest.mark.parametrize("name", ["resnet50", pytest.param("efficientnet_lite0", marks=pytest.mark.real)])
+def test_the_untrained_head_started_from_the_classifier_is_cam(name, request):
     """gamma = 0 and init_from_classifier: the head's map is CAM within 1e-5 (ResNet-50 random weights, Lite0
     real ones), for the default layers (CAM resized to 28 x 28) and for the CAM layer alone (explainer maps)."""
     torch.manual_seed(0)
-    backbone = lite0 if name == "efficientnet_lite0" else backbones.create(name, weights=None)
+    real = name == "efficientnet_lite0"
+    backbone = request.getfixturevalue("lite0") if real else backbones.create(name, weights=None)
     images = torch.rand(2, 3, 224, 224)
     head = heads.create("sacam", backbone, init_from_classifier=True).eval()
     assert head.layers[-1] == backbone.cam_layer and all(g == 0 for g in head.gammas().values())
@@ -142,6 +143,7 @@ def test_parameter_count_follows_the_structure():
 PEAK_BUDGET_MIB = 96
 
 
+@pytest.mark.real
 def test_peak_memory_of_the_head_at_batch_32_stays_within_the_benchmark(lite0):
     torch.manual_seed(0)
     head = heads.create("sacam", lite0)
