@@ -71,3 +71,16 @@ def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
 
     with open(run_dir / "csv" / "metrics.csv") as handle:
         return list(csv.DictReader(handle))
+
+
+def masked_passes(module, loader):
+    """For each batch of ``loader`` in eval mode without gradients: the clean logits, the masking loss terms
+    and the masked image's logits of ``module`` (a ``HeadTrainingModule``), labels = the top-1 class."""
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        for batch in loader:
+            logits, features = module.backbone.features(batch["images"], module.head.layers)
+            terms, masked = module.masking_pass(batch["images"], features, logits.argmax(dim=1))
+            yield logits, terms, masked

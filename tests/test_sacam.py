@@ -18,6 +18,7 @@ from tame_lit.heads.sacam import SpatialSelfAttention
 from tame_lit.maps import normalize
 from tame_lit.system import peak_memory
 from tame_lit.training import HeadTrainingModule
+from tests.helpers import masked_passes
 
 
 def written_attention(module: SpatialSelfAttention, x: torch.Tensor) -> torch.Tensor:
@@ -177,14 +178,10 @@ def test_a_short_run_on_imagenette_lowers_the_loss_and_moves_gamma(lite0, shared
     data.setup("fit")
 
     def held_out_loss() -> float:
-        module.eval()
         total = count = 0.0
-        with torch.no_grad():
-            for batch in data.val_dataloader():
-                logits, features = module.backbone.features(batch["images"], module.head.layers)
-                terms, _ = module.masking_pass(batch["images"], features, logits.argmax(dim=1))
-                total += terms["loss"].item() * len(batch["images"])
-                count += len(batch["images"])
+        for logits, terms, _ in masked_passes(module, data.val_dataloader()):
+            total += terms["loss"].item() * len(logits)
+            count += len(logits)
         return total / count
 
     before = held_out_loss()

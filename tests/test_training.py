@@ -10,7 +10,7 @@ from tame_lit.data import EmbeddedDataModule, ImageDataModule
 from tame_lit.features import count_hooks
 from tame_lit.train import train
 from tame_lit.training import HeadTrainingModule, IncompatibleCheckpointError
-from tests.helpers import TINY_BACKBONE, TINY_OVERRIDES, compose_train, read_csv_metrics
+from tests.helpers import TINY_BACKBONE, TINY_OVERRIDES, compose_train, masked_passes, read_csv_metrics
 
 
 def tiny_data(batch_size: int = 8) -> EmbeddedDataModule:
@@ -160,14 +160,10 @@ def test_a_short_run_on_imagenette_teaches_masks_that_keep_the_prediction(lite0,
     data.setup("fit")
 
     def agreement() -> float:
-        module.eval()
         hits = total = 0
-        with torch.no_grad():
-            for batch in data.val_dataloader():
-                logits, features = module.backbone.features(batch["images"], module.head.layers)
-                _, masked = module.masking_pass(batch["images"], features, logits.argmax(dim=1))
-                hits += (masked.argmax(dim=1) == logits.argmax(dim=1)).sum().item()
-                total += logits.shape[0]
+        for logits, _, masked in masked_passes(module, data.val_dataloader()):
+            hits += (masked.argmax(dim=1) == logits.argmax(dim=1)).sum().item()
+            total += logits.shape[0]
         return hits / total
 
     losses: list[float] = []

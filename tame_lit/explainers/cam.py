@@ -29,9 +29,7 @@ class CAM(LayerExplainer):
         logits, captured = self.forward_layers(images)
         targets = self.resolve_targets(logits, targets)
         activations = captured[self.layer].float()
-        weight = self.classifier.weight.float()[targets]  # [B, C]
-        bias = torch.zeros(len(targets), device=images.device) if self.classifier.bias is None else (
-            self.classifier.bias.float()[targets]
-        )  # fmt: skip
-        cam = torch.einsum("bchw,bc->bhw", activations, weight) + bias[:, None, None]
+        cam = torch.einsum("bchw,bc->bhw", activations, self.classifier.weight.float()[targets])
+        if self.classifier.bias is not None:
+            cam = cam + self.classifier.bias.float()[targets][:, None, None]
         return to_maps(cam, images.shape[-2:])
