@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -84,3 +86,25 @@ def masked_passes(module, loader):
             logits, features = module.backbone.features(batch["images"], module.head.layers)
             terms, masked = module.masking_pass(batch["images"], features, logits.argmax(dim=1))
             yield logits, terms, masked
+
+
+class CountBackward(torch.autograd.Function):
+    """Identity whose backward counts its calls: tells whether backward reached this point."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        CountBackward.calls += 1
+        return grad
+
+
+class Probe(nn.Module):
+    """A point in a test network that records, through CountBackward, whether backward reached it."""
+
+    def forward(self, x):
+        return CountBackward.apply(x)

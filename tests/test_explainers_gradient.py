@@ -9,26 +9,7 @@ from torch import nn
 from tame_lit import explainers
 from tame_lit.backbones import Backbone
 from tame_lit.maps import normalize
-
-
-class CountBackward(torch.autograd.Function):
-    """Identity whose backward counts its calls: tells whether backward reached this point."""
-
-    calls = 0
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        CountBackward.calls += 1
-        return grad
-
-
-class Probe(nn.Module):
-    def forward(self, x):
-        return CountBackward.apply(x)
+from tests.helpers import CountBackward, Probe
 
 
 def toy_backbone() -> tuple[Backbone, nn.Conv2d, nn.Linear]:

@@ -17,6 +17,7 @@ from tame_lit.explainers.rise import RISE
 from tame_lit.explainers.sise import SISE, otsu_threshold
 from tame_lit.features import count_hooks
 from tame_lit.maps import normalize
+from tests.helpers import CountBackward, Probe
 
 MEAN, STD = (0.2, 0.5, 0.7), (0.5, 0.5, 0.5)  # removed pixels differ between the two baselines
 
@@ -31,26 +32,6 @@ class Counter(nn.Module):
     def forward(self, x):
         self.batches.append(x.shape[0])
         return x
-
-
-class CountBackward(torch.autograd.Function):
-    calls = 0
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        CountBackward.calls += 1
-        return grad
-
-
-class Probe(nn.Module):
-    """Identity whose backward counts its calls: tells whether backward reached this point."""
-
-    def forward(self, x):
-        return CountBackward.apply(x)
 
 
 def linear_toy() -> tuple[Backbone, torch.Tensor, Counter]:
