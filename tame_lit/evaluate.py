@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -19,16 +20,51 @@ from tame_lit import __version__, backbones, explainers
 from tame_lit.config import config_dir, instantiate_group, print_config
 from tame_lit.evaluation import EvaluationModule, MetricSettings
 from tame_lit.explainers import Explainer, load_explainer
+from tame_lit.explainers.head import read_checkpoint
 from tame_lit.report import print_table, write_report
 from tame_lit.system import keep_freed_memory
 
-__all__ = ["EvaluationFailed", "build_explainers", "evaluate", "main"]
+__all__ = ["EvaluationFailed", "build_explainers", "evaluate", "main", "trained_head_settings"]
 
 log = logging.getLogger(__name__)
+
+# the data settings that decide which images were scored and how (run.json, report.md)
+DATA_KEYS_TO_CITE = (
+    "root",
+    "list_file",
+    "limit",
+    "limit_per_class",
+    "boxes_dir",
+    "resize_size",
+    "crop_size",
+    "class_index",
+)
 
 
 class EvaluationFailed(RuntimeError):
     """Some explainers could not be built or failed mid-run; the others' results were written."""
+
+
+def trained_head_settings(path: str | Path) -> dict[str, Any]:
+    """What a report needs to tell trained heads apart (an ablation table of variants): the file, the head,
+    its layers and options, and how long it trained. Export folders carry the same from their checkpoint."""
+    path = Path(path).resolve()
+    settings: dict[str, Any] = {"checkpoint": str(path)}
+    if path.is_dir() or path.name == "explainer.json":
+        meta = json.loads((path if path.is_file() else path / "explainer.json").read_text())
+        head = dict(meta.get("head", {}))
+        settings.update(head=head.pop("name", None), **head)
+    elif path.suffix == ".ckpt":
+        checkpoint = read_checkpoint(path)
+        saved = checkpoint["tame_lit"]
+        settings.update(
+            head=saved.get("head"),
+            layers=list(saved.get("layer_shapes", {})),
+            **saved.get("head_options", {}),
+            epoch=checkpoint.get("epoch"),
+            step=checkpoint.get("global_step"),
+        )
+    return settings
 
 
 def build_explainers(
@@ -59,7 +95,7 @@ def build_explainers(
             head = heads.get(name)
             if head is not None and head.get("checkpoint"):
                 built[name] = load_explainer(head.checkpoint, backbone=backbone)
-                settings[name] = {"checkpoint": str(Path(head.checkpoint).resolve())}
+                settings[name] = trained_head_settings(head.checkpoint)
             elif head is not None:
                 raise ValueError(
                     f"explainer {name!r} is a trained head: give its checkpoint, heads.{name}.checkpoint=PATH"
@@ -71,7 +107,7 @@ def build_explainers(
                 settings[name] = {"name": method, **options}
             elif name.endswith(".ckpt") or Path(name).is_file() or Path(name).is_dir():
                 built[name] = load_explainer(name, backbone=backbone)
-                settings[name] = {"checkpoint": str(Path(name).resolve())}
+                settings[name] = trained_head_settings(name)
             else:
                 raise ValueError(
                     f"unknown explainer {name!r}; available: {explainers.available()}, trained heads "
@@ -145,11 +181,7 @@ def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failure
         },
         "data": {
             "name": str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1],
-            **{
-                k: v
-                for k, v in data_cfg.items()
-                if k in ("root", "list_file", "limit", "boxes_dir", "resize_size", "crop_size")
-            },
+            **{k: v for k, v in data_cfg.items() if k in DATA_KEYS_TO_CITE},
         },
         "images": images,
         "precision": str(trainer.precision),

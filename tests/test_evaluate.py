@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from tame_lit.evaluate import EvaluationFailed, evaluate
+from tame_lit.evaluate import EvaluationFailed, evaluate, trained_head_settings
 from tame_lit.report import mean_ranks
 from tame_lit.train import train
 from tests.helpers import TINY_OVERRIDES, compose_train, run_cli
@@ -296,3 +296,44 @@ def test_a_trained_sacam_head_is_evaluated_beside_cam_and_its_export_loads(tmp_p
     results = evaluate(cfg)
     assert set(results) == {"sacam", "cam", "random"}
     assert all(results[name]["images"] == 4 for name in results)
+
+
+def test_an_ablation_table_tells_the_trained_variants_apart(tmp_path):
+    """Trained heads under any name (`+heads.<name>.checkpoint`), each cited with its head, variant and
+    training steps; the data subset is cited too."""
+    data = image_folder(tmp_path / "images", count=6)
+    checkpoints = {}
+    for variant in ("standard", "no_skip"):
+        run = tmp_path / variant
+        train(
+            compose_train(
+                [*TINY_OVERRIDES, f"head.variant={variant}", "trainer.max_steps=2", "data.num_workers=0"], run
+            )
+        )
+        checkpoints[variant] = run / "checkpoints" / "last.ckpt"
+    exported = trained_head_settings(tmp_path / "no_skip" / "export")
+    assert exported["head"] == "tame" and exported["variant"] == "no_skip"
+    cfg = compose_train(
+        [
+            *TINY_OVERRIDES,
+            *FAST_METRICS,
+            "data=folder",
+            f"data.root={data}",
+            "data.limit_per_class=2",
+            "logger=none",
+            "explainers=[standard,no_skip]",
+            *(f"+heads.{name}.checkpoint={path}" for name, path in checkpoints.items()),
+        ],
+        tmp_path / "evaluate",
+        config="evaluate",
+    )
+    results = evaluate(cfg)
+    assert set(results) == {"standard", "no_skip"} and results["no_skip"]["images"] == 4  # 2 per class
+    assert results["standard"]["insertion_auc"] != results["no_skip"]["insertion_auc"]  # two different heads
+    run = json.loads((tmp_path / "evaluate" / "run.json").read_text())
+    for name, path in checkpoints.items():
+        cited = run["explainers"][name]
+        assert cited["checkpoint"] == str(path.resolve()) and cited["head"] == "tame"
+        assert cited["variant"] == name and cited["step"] == 2
+    assert run["data"]["limit_per_class"] == 2
+    assert "'variant': 'no_skip'" in (tmp_path / "evaluate" / "report.md").read_text()
