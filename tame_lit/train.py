@@ -36,6 +36,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = instantiate(cfg.module, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: nothing to log the rates to
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     settings = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:

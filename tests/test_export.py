@@ -91,6 +91,16 @@ def test_an_export_is_refused_on_another_backbone(checkpoint, tmp_path):
         load_export(out, backbone=other)
 
 
+def test_a_head_on_other_weights_of_its_backbone_warns_with_both_fingerprints(checkpoint):
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["tame_lit"]
+    other = backbones.create(**TINY_BACKBONE)  # same architecture, fresh random weights
+    assert other.fingerprint() != saved["weights_fingerprint"]
+    with pytest.warns(UserWarning, match="may not fit") as caught:
+        load_explainer(checkpoint, backbone=other)
+    message = str(caught[0].message)
+    assert saved["weights_fingerprint"] in message and other.fingerprint() in message
+
+
 def test_verification_reports_the_difference(tiny_backbone):
     images = torch.rand(2, 3, 64, 64)
     gradcam, random = create("gradcam", tiny_backbone), create("random", tiny_backbone)

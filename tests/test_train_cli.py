@@ -50,13 +50,20 @@ def test_imagenette_experiment_runs(tmp_path, shared_data):
     assert "val/AD@50" in metrics and metrics["lr-SGD/pg2"] == pytest.approx(2 * metrics["lr-SGD/pg1"])
 
 
-def test_ddp_with_two_cpu_processes(tmp_path):
-    args = [*TINY_OVERRIDES, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+@pytest.mark.parametrize("head", ["tame", "sacam"])
+def test_ddp_with_two_cpu_processes(tmp_path, head):
+    """Both heads under DDP (SA-CAM's scalar gains included); SA-CAM's run also has no logger, which must not
+    trip the default LearningRateMonitor."""
+    logger = "logger=none" if head == "sacam" else "logger=csv"
+    args = [*TINY_OVERRIDES, f"head={head}", logger, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
             "trainer.precision=32-true", "trainer.max_steps=3"]  # fmt: skip
     result = run_cli(args, cwd=tmp_path)
     run_dir = only_run(tmp_path)
-    assert_finished(result, run_dir)
+    metrics = assert_finished(result, run_dir)
     assert (run_dir / "train_ddp_process_1.log").is_file()  # the second rank ran
+    assert (run_dir / "csv").is_dir() == (head == "tame")
+    if head == "sacam":
+        assert {"train/gamma/layer2", "train/gamma/layer3", "train/gamma/layer4"} <= set(metrics)
 
 
 def test_multirun_sweep_and_optuna_search(tmp_path):

@@ -121,8 +121,9 @@ def head_from_checkpoint(
         raise IncompatibleCheckpointError(f"{path}: head weights do not fit the head config ({error})") from error
     if saved.get("weights_fingerprint") != backbone.fingerprint():
         warnings.warn(
-            f"{path}: the head was trained on {saved['backbone']} weights {saved.get('weights')!r}; this backbone "
-            f"has other weights ({backbone.weights_source!r}): its explanations may not fit these weights",
+            f"{path}: the head was trained on {saved['backbone']} weights {saved.get('weights')!r} (fingerprint "
+            f"{saved.get('weights_fingerprint')}); this backbone has other weights ({backbone.weights_source!r}, "
+            f"fingerprint {backbone.fingerprint()}): its explanations may not fit these weights",
             stacklevel=2,
         )
     return head
