@@ -78,8 +78,6 @@ def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
 def masked_passes(module, loader):
     """For each batch of ``loader`` in eval mode without gradients: the clean logits, the masking loss terms
     and the masked image's logits of ``module`` (a ``HeadTrainingModule``), labels = the top-1 class."""
-    import torch
-
     module.eval()
     with torch.no_grad():
         for batch in loader:
