@@ -19,7 +19,7 @@ from common import benchmark_parser, steady_allocator
 from explainer_throughput import photos
 
 from tame_lit import backbones, explainers
-from tame_lit.metrics import AverageDropIncrease, class_probability, masked_probability
+from tame_lit.metrics import AverageDropIncrease, ScoredBatch
 
 KEEP = (1.0, 0.5, 0.15)
 
@@ -44,13 +44,11 @@ def rates(backbone, explainer, images: torch.Tensor, args: argparse.Namespace) -
     with torch.no_grad():
         logits = backbone(images)
     targets = logits.argmax(dim=1)
-    clean = class_probability(logits, targets)
-    metrics = [AverageDropIncrease() for _ in KEEP]
+    metric = AverageDropIncrease(keep=KEEP)
 
     def score(maps: torch.Tensor) -> None:
         with torch.inference_mode():
-            for metric, fraction in zip(metrics, KEEP, strict=True):
-                metric.update(clean, masked_probability(backbone, images, maps, targets, fraction))
+            metric.update(ScoredBatch(backbone, images, maps, targets, clean_logits=logits))
 
     maps = explainer(images, targets)
     timed = [

@@ -20,7 +20,9 @@ from common import benchmark_parser, steady_allocator
 from explainer_throughput import photos
 
 from tame_lit import backbones, explainers
-from tame_lit.metrics.road import RoadScore, linear_impute, noisy_linear_impute
+from tame_lit.metrics import ScoredBatch
+from tame_lit.metrics.imputation import linear_impute, noisy_linear_impute
+from tame_lit.metrics.road import RoadScore, removal_ranks
 
 T = TypeVar("T")
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -42,12 +44,12 @@ def timed_result(call: Callable[[], T], device: str) -> tuple[float, T]:
     return time.perf_counter() - start, result
 
 
-def morf_masks(metric: RoadScore, maps: torch.Tensor, level: float) -> torch.Tensor:
-    ranks = metric.removal_ranks(maps)
+def morf_masks(maps: torch.Tensor, level: float) -> torch.Tensor:
+    ranks = removal_ranks(maps, "morf")
     return (ranks < round(level * maps[0].numel())).view_as(maps)
 
 
-def iteration_table(images: torch.Tensor, maps: torch.Tensor, metric: RoadScore, device: str) -> list[str]:
+def iteration_table(images: torch.Tensor, maps: torch.Tensor, device: str) -> list[str]:
     """Mean CG iterations (and seconds per image) at 10/50/90 % removed, for the solver variants."""
     variants = {
         "multigrid PCG + push-pull start (ours)": {},
@@ -59,7 +61,7 @@ def iteration_table(images: torch.Tensor, maps: torch.Tensor, metric: RoadScore,
     for name, options in variants.items():
         cells = []
         for level in (0.1, 0.5, 0.9):
-            removed = morf_masks(metric, maps, level)
+            removed = morf_masks(maps, level)
             seconds, (_, counts) = timed_result(lambda r=removed, o=options: linear_impute(images, r, **o), device)
             cells.append(f"{counts.float().mean():.1f} ({1000 * seconds / images.shape[0]:.0f} ms)")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -86,7 +88,7 @@ def theirs(backbone: backbones.Backbone, images: torch.Tensor, maps: torch.Tenso
             impute_seconds += timed(lambda i=image, c=cam, r=road: r.perturbation(i, torch.from_numpy(c)), "cpu")
         metric_seconds += timed(lambda r=road: r(normalised, cams, wanted, backbone.model), images.device.type)
     # the system is affine per channel: imputing normalised images = normalising our imputation
-    removed = RoadScore(levels=(0.5,)).removal_ranks(maps[:1]).view_as(maps[:1]) < maps[0].numel() // 2
+    removed = removal_ranks(maps[:1], "morf").view_as(maps[:1]) < maps[0].numel() // 2
     official = NoisyLinearImputer(noise=0.0)(normalised[0].cpu(), (~removed[0]).float().cpu())
     ours, _ = linear_impute(images[:1], removed)
     difference = (backbone.normalize(ours)[0].cpu() - official).abs().max().item()
@@ -114,8 +116,8 @@ def main() -> None:
     with torch.inference_mode():
         predictions = backbone(images).argmax(dim=1)
         forward = min(timed(lambda: backbone(images), args.device) for _ in range(args.repeats)) / args.batch
-    metric = RoadScore(levels=LEVELS, order="morf")
-    batch_masks = [morf_masks(metric, maps, level) for level in LEVELS]
+    metric = RoadScore(levels=LEVELS, orders=["morf"])
+    batch_masks = [morf_masks(maps, level) for level in LEVELS]
 
     def impute_all_levels() -> None:
         for removed in batch_masks:
@@ -123,14 +125,14 @@ def main() -> None:
 
     def road_all_levels() -> None:
         metric.reset()
-        metric.update(backbone, images, maps, predictions, predictions, torch.arange(args.batch))
+        metric.update(ScoredBatch(backbone, images, maps, predictions))
 
     with torch.inference_mode():
         noisy_linear_impute(images[:4], batch_masks[4][:4])  # warm-up
         impute = min(timed(impute_all_levels, args.device) for _ in range(args.repeats)) / (args.batch * len(LEVELS))
         road = min(timed(road_all_levels, args.device) for _ in range(args.repeats)) / (args.batch * len(LEVELS))
     curve = metric.curve()
-    solver_rows = iteration_table(images[: args.solver_images], maps[: args.solver_images], metric, args.device)
+    solver_rows = iteration_table(images[: args.solver_images], maps[: args.solver_images], args.device)
     reference = None
     if args.theirs_images > 0:
         count = args.theirs_images

@@ -12,7 +12,7 @@ __all__ = ["__version__", "load_explainer"]
 
 def __getattr__(name: str):
     if name == "load_explainer":  # imported lazily: `import tame_lit` stays light
-        from tame_lit.explainers import load_explainer
+        from tame_lit.loading import load_explainer
 
         return load_explainer
     raise AttributeError(f"module 'tame_lit' has no attribute {name!r}")

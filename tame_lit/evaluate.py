@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -12,17 +11,15 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tame_lit import __version__, backbones, explainers
-from tame_lit.config import config_dir, instantiate_group, print_config
-from tame_lit.evaluation import EvaluationModule, MetricSettings
-from tame_lit.explainers import Explainer, load_explainer
-from tame_lit.explainers.head import read_checkpoint
+from tame_lit.config import check_command_line, config_dir, finishing, instantiate_group, start_process, start_task
+from tame_lit.evaluation import EvaluationModule
+from tame_lit.explainers import Explainer
+from tame_lit.loading import EXPLAINER_SUFFIXES, describe, load_explainer
 from tame_lit.report import print_table, write_report
-from tame_lit.system import keep_freed_memory
 
 __all__ = ["EvaluationFailed", "build_explainers", "evaluate", "main", "trained_head_settings"]
 
@@ -47,24 +44,8 @@ class EvaluationFailed(RuntimeError):
 
 def trained_head_settings(path: str | Path) -> dict[str, Any]:
     """What a report needs to tell trained heads apart (an ablation table of variants): the file, the head,
-    its layers and options, and how long it trained. Export folders carry the same from their checkpoint."""
-    path = Path(path).resolve()
-    settings: dict[str, Any] = {"checkpoint": str(path)}
-    if path.is_dir() or path.name == "explainer.json":
-        meta = json.loads((path if path.is_file() else path / "explainer.json").read_text())
-        head = dict(meta.get("head", {}))
-        settings.update(head=head.pop("name", None), **head)
-    elif path.suffix == ".ckpt":
-        checkpoint = read_checkpoint(path)
-        saved = checkpoint["tame_lit"]
-        settings.update(
-            head=saved.get("head"),
-            layers=list(saved.get("layer_shapes", {})),
-            **saved.get("head_options", {}),
-            epoch=checkpoint.get("epoch"),
-            step=checkpoint.get("global_step"),
-        )
-    return settings
+    its layers and options, and how long it trained (``tame_lit.loading.describe``, for every kind of file)."""
+    return describe(path)
 
 
 def build_explainers(
@@ -72,8 +53,9 @@ def build_explainers(
 ) -> tuple[dict[str, Explainer], dict[str, dict[str, Any]], dict[str, str]]:
     """The explainers named in ``cfg.explainers``: ``(explainers, their settings, failures)``.
 
-    A name is a trained head under ``cfg.heads`` (a checkpoint or export folder), an entry of
-    ``cfg.explainer`` (a registered method with its options), or a checkpoint / export path. A name that
+    A name is a trained head under ``cfg.heads`` (a checkpoint, export folder, ``explainer.pt2`` or
+    ``explainer.onnx``), an entry of ``cfg.explainer`` (a registered method with its options), or such a
+    path. Trained explainers are checked against ``backbone`` (``tame_lit.load_explainer``). A name that
     cannot be built is recorded as a failure with the reason, so the others still run.
     """
     names = cfg.get("explainers")
@@ -105,13 +87,14 @@ def build_explainers(
                 method = options.pop("name", name)
                 built[name] = explainers.create(method, backbone, **options)
                 settings[name] = {"name": method, **options}
-            elif name.endswith(".ckpt") or Path(name).is_file() or Path(name).is_dir():
+            elif name.endswith(EXPLAINER_SUFFIXES) or Path(name).is_file() or Path(name).is_dir():
                 built[name] = load_explainer(name, backbone=backbone)
                 settings[name] = trained_head_settings(name)
             else:
                 raise ValueError(
                     f"unknown explainer {name!r}; available: {explainers.available()}, trained heads "
-                    f"{sorted(heads)} (with heads.<name>.checkpoint=PATH), or a checkpoint path"
+                    f"{sorted(heads)} (with heads.<name>.checkpoint=PATH), or a path to a .ckpt, export folder, "
+                    "explainer.pt2 or explainer.onnx"
                 )
         except (ValueError, TypeError, KeyError, FileNotFoundError) as error:  # IncompatibleCheckpointError too
             failures[name] = f"{type(error).__name__}: {error}"
@@ -123,38 +106,31 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run the evaluation described by ``cfg``; returns ``{explainer: {metric: value}}`` and writes the
     outputs (metrics.json/csv, curves.json, plots, report.md) into the run directory. Raises
     ``EvaluationFailed`` after writing when some explainers could not be evaluated."""
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("float32_matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    start_task(cfg)
     backbone = backbones.create(**OmegaConf.to_container(cfg.backbone, resolve=True))
     built, settings, failures = build_explainers(cfg, backbone)
     datamodule = instantiate(cfg.data)
-    metric_settings = MetricSettings(**OmegaConf.to_container(cfg.metrics, resolve=True))
+    metric_options = OmegaConf.to_container(cfg.metrics, resolve=True)
+    shared = {"seed": cfg.seed}
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[], inference_mode=False, enable_checkpointing=False
     )
     run_dir = Path(trainer.default_root_dir)
     results: dict[str, dict[str, float]] = {}
-    try:
-        module = None
+    module = None
+    with finishing(loggers):
         if built:
-            module = EvaluationModule(backbone, built, metric_settings, grid_images=int(cfg.get("grid_images", 8)))
+            module = EvaluationModule(backbone, built, metric_options, shared, grid_images=int(cfg.grid_images))
             trainer.test(module, datamodule=datamodule, verbose=False)
             results = module.results
             failures.update(module.summary["failed"])
         if trainer.is_global_zero:
-            _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failures, metric_settings)
+            _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failures)
             if results:
-                print_table(results, f"{backbone.name}: {len(results)} explainers")
+                print_table(results, module.columns, f"{backbone.name}: {len(results)} explainers")
             log.info("evaluation written to %s", run_dir.resolve())
             _log_results(loggers, results, module, run_dir)
-    finally:
-        if any(isinstance(logger, L.pytorch.loggers.WandbLogger) for logger in loggers):
-            import wandb
-
-            wandb.finish()
     if failures:
         raise EvaluationFailed(
             "could not evaluate "
@@ -164,7 +140,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return results
 
 
-def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failures, metric_settings) -> None:
+def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failures) -> None:
     summary = dict(module.summary) if module is not None else {}
     summary["failed"] = dict(failures)
     images = int(max((row.get("images", 0) for row in module.results.values()), default=0)) if module else 0
@@ -187,7 +163,10 @@ def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failure
         "precision": str(trainer.precision),
         "processes": trainer.world_size,
         "explainers": settings,
-        "metrics": OmegaConf.to_container(cfg.metrics, resolve=True),
+        "metrics": {
+            "options": OmegaConf.to_container(cfg.metrics, resolve=True),
+            "seed": cfg.seed,
+        },
     }
     grid = module.grid if module is not None else None
     titles = []
@@ -199,12 +178,14 @@ def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failure
     write_report(
         trainer.default_root_dir,
         module.results if module else {},
+        module.columns if module else [],
         module.curves if module else {},
         summary,
         meta,
         grid.images if grid else (),
         grid.maps if grid else None,
         titles,
+        module.per_image if module else None,
     )
 
 
@@ -227,37 +208,36 @@ def _log_results(loggers: list, results: Mapping[str, Mapping[str, float]], modu
         if isinstance(logger, L.pytorch.loggers.WandbLogger):
             import wandb
 
-            keys = sorted({key for row in results.values() for key in row})
+            present = {key for row in results.values() for key in row}
+            known = [c.key for c in module.columns]
+            keys = [key for key in known if key in present] + sorted(present - set(known))
             rows = [[name, *[row.get(key) for key in keys]] for name, row in results.items()]
             logger.log_table("evaluation/metrics", columns=["explainer", *keys], data=rows)
-            for image in ("heatmaps.png", "deletion.png", "insertion.png", "road.png"):
-                if (run_dir / image).is_file():
-                    logger.log_image(f"evaluation/{image[:-4]}", images=[str(run_dir / image)])
-            series = {
-                "deletion": ("deletion_insertion", "fraction"),
-                "insertion": ("deletion_insertion", "fraction"),
-                "road_morf": ("road_morf", "removed"),
-                "road_lerf": ("road_lerf", "removed"),
-            }
-            for title, (curve, x_key) in series.items():
-                named = {name: c[curve] for name, c in module.curves.items() if curve in c}
-                if not named:
-                    continue
-                y_key = title if curve == "deletion_insertion" else "accuracy"
+            figures: dict[str, dict[str, dict]] = {}  # figure -> line label -> curve
+            for name, curves in module.curves.items():
+                for curve in curves.values():
+                    figures.setdefault(curve["figure"], {})[f"{name} {curve['label']}".strip()] = curve
+            for image in ["heatmaps", *figures]:
+                if (run_dir / f"{image}.png").is_file():
+                    logger.log_image(f"evaluation/{image}", images=[str(run_dir / f"{image}.png")])
+            for figure, lines in figures.items():
+                first = next(iter(lines.values()))
                 plot = wandb.plot.line_series(
-                    xs=next(iter(named.values()))[x_key],
-                    ys=[c[y_key] for c in named.values()],
-                    keys=list(named),
-                    title=title,
-                    xname=x_key,
-                )
-                logger.experiment.log({f"evaluation/{title}_curve": plot})
+                    xs=first["x"], ys=[c["y"] for c in lines.values()], keys=list(lines), title=first["title"],
+                    xname=first["x_label"],
+                )  # fmt: skip
+                logger.experiment.log({f"evaluation/{figure}_curve": plot})
         logger.save()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    if cfg.get("keep_freed_memory", True):
-        keep_freed_memory()
-    print_config(cfg, keys=("backbone", "data", "explainers", "heads", "metrics", "trainer"))
+def run(cfg: DictConfig) -> None:
+    start_process(cfg, ("backbone", "data", "explainers", "heads", "metrics", "trainer"))
     evaluate(cfg)
+
+
+def main() -> None:
+    """``python evaluate.py`` / ``tame-evaluate``: check the config the command line asks for (an unknown key or
+    a wrong type stops here, with the valid keys), then let Hydra run it."""
+    check_command_line("evaluate")
+    run()

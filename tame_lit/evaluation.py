@@ -2,18 +2,18 @@
 
 ``EvaluationModule`` is a LightningModule for ``trainer.test``: each batch is loaded once, classified
 once, and explained by each explainer in turn; its maps feed the faithfulness metrics of that explainer.
-Metrics keep sum states, and the data module hands every process its own images exactly once, so
-numbers are the same with one process or many. An explainer that fails is recorded and skipped; the
-others go on.
+Every registered metric (``tame_lit.metrics``) sees the same ``ScoredBatch`` and says itself which columns
+and curves it gives, so this module only loops over them. Metrics keep sum states and per-image values,
+and the data module hands every process its own images exactly once, so numbers are the same with one
+process or many. An explainer that fails is recorded and skipped; the others go on.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,55 +23,31 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from tame_lit import metrics as metric_registry
 from tame_lit.backbones import Backbone
 from tame_lit.explainers import Explainer
-from tame_lit.metrics import (
-    AverageDropIncrease,
-    DeletionInsertion,
-    PointingGame,
-    RoadScore,
-    class_probability,
-    masked_probability,
-)
+from tame_lit.metrics import Column, ScoredBatch, class_probability
 
-__all__ = ["EvaluationModule", "MetricSettings", "percent"]
+__all__ = ["TIMING_COLUMNS", "EvaluationModule", "metric_columns"]
 
 log = logging.getLogger(__name__)
 
+# what every evaluation reports beside its metrics' columns
+TIMING_COLUMNS = (
+    Column("images", "images", None, digits=0, table=False),
+    Column("seconds_per_image", "s / image", None, digits=4),
+)
 
-def percent(fraction: float) -> str:
-    """0.15 -> "15" (metric names say percent of pixels)."""
-    value = 100 * fraction
-    return str(round(value)) if math.isclose(value, round(value)) else f"{value:g}"
 
-
-@dataclass
-class MetricSettings:
-    """What to measure. ``keep``: AD/IC at these fractions of pixels kept (TAME: 100/50/15 %); ``first20``:
-    An & Joe's "first 20 %" view (AD/IC with 20 % kept, deletion/insertion AUC over the first 20 %);
-    ``deletion_step``/``deletion_steps``: pixels per deletion/insertion step, or the number of steps;
-    ``road_levels``: fractions removed by ROAD; ``chunk_size``: perturbed images per forward pass."""
-
-    keep: Sequence[float] = (1.0, 0.5, 0.15)
-    first20: bool = True
-    deletion: bool = True
-    deletion_step: int | None = 1792
-    deletion_steps: int | None = None
-    blur_kernel: int = 11
-    blur_sigma: float = 5.0
-    road: bool = True
-    road_levels: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    road_noise: float = 0.01
-    pointing_tolerance: float = 15.0
-    chunk_size: int = 64
-    seed: int = 0
-
-    @property
-    def keep_fractions(self) -> list[float]:
-        fractions = [float(f) for f in self.keep]
-        if self.first20 and not any(math.isclose(f, 0.2) for f in fractions):
-            fractions.append(0.2)
-        return fractions
+def metric_columns(metrics: Mapping[str, nn.Module]) -> list[Column]:
+    """The columns of ``metrics`` in order (each key once), then the timing columns."""
+    columns: dict[str, Column] = {}
+    for metric in metrics.values():
+        for column in metric.columns():
+            columns.setdefault(column.key, column)
+    for column in TIMING_COLUMNS:
+        columns.setdefault(column.key, column)
+    return list(columns.values())
 
 
 @dataclass
@@ -92,20 +68,37 @@ class EvaluationModule(L.LightningModule):
         self,
         backbone: Backbone,
         explainers: Mapping[str, Explainer],
-        settings: MetricSettings | Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Mapping[str, Any] | bool | None] | None = None,
+        shared: Mapping[str, Any] | None = None,
         grid_images: int = 8,
     ) -> None:
+        """``metrics``: ``{name: options}`` of registered metrics (``tame_lit.metrics.available()``; options
+        ``{}``/``True`` for the metric's defaults, ``False``/``None`` to leave it out); None: every registered
+        metric that is on by default (``default_enabled``). ``shared``: settings given to every metric whose
+        constructor takes them (the run's ``seed``)."""
         super().__init__()
         if not explainers:
             raise ValueError("nothing to evaluate: no explainers")
         self.backbone = backbone
         self.explainers = dict(explainers)
-        self.settings = settings if isinstance(settings, MetricSettings) else MetricSettings(**(settings or {}))
+        if metrics is None:
+            metrics = {name: cls.default_enabled for name, cls in metric_registry.METRICS.items()}
+        chosen = dict(metrics)
+        self.metric_options = {
+            name: {} if options is True else dict(options)
+            for name, options in chosen.items()
+            if options is not False and options is not None
+        }
+        if not self.metric_options:
+            raise ValueError(f"nothing to measure: no metrics; available: {metric_registry.available()}")
+        self.shared = dict(shared or {})
         # trained heads are modules: registered so that they move to the device with the rest
         self.heads = nn.ModuleDict(
             {name: e.head for name, e in self.explainers.items() if isinstance(getattr(e, "head", None), nn.Module)}
         )
         self.scores = nn.ModuleDict({name: self._metrics() for name in self.explainers})
+        self.timing = nn.ModuleDict({name: self._timers() for name in self.explainers})
+        self.columns = metric_columns(next(iter(self.scores.values())))
         self.accuracy = MulticlassAccuracy(backbone.num_classes, average="micro", ignore_index=-1)
         self.labelled = SumMetric()
         self.skipped = SumMetric()
@@ -113,29 +106,21 @@ class EvaluationModule(L.LightningModule):
         self.grid = Grid(grid_images)
         self.results: dict[str, dict[str, float]] = {}
         self.curves: dict[str, dict[str, Any]] = {}
+        self.per_image: dict[str, dict[str, dict[str, Tensor]]] = {}
         self.summary: dict[str, Any] = {}
 
     def _metrics(self) -> nn.ModuleDict:
-        s = self.settings
-        metrics: dict[str, nn.Module] = {f"ad_ic@{percent(f)}": AverageDropIncrease() for f in s.keep_fractions}
-        if s.deletion:
-            metrics["deletion"] = DeletionInsertion(
-                step=s.deletion_step if s.deletion_steps is None else None,
-                steps=s.deletion_steps,
-                blur_kernel=s.blur_kernel,
-                blur_sigma=s.blur_sigma,
-                chunk_size=s.chunk_size,
-            )
-        if s.road:
-            for order in ("morf", "lerf"):
-                metrics[f"road_{order}"] = RoadScore(
-                    levels=tuple(s.road_levels), order=order, noise=s.road_noise, seed=s.seed, chunk_size=s.chunk_size
-                )
-        metrics["pointing"] = PointingGame(tolerance=s.pointing_tolerance)
-        for timer in ("seconds", "first_batch_seconds"):
-            metrics[timer] = SumMetric()
-            metrics[f"{timer}_images"] = SumMetric()
-        return nn.ModuleDict(metrics)
+        return nn.ModuleDict(
+            {
+                name: metric_registry.create(name, self.shared, **options)
+                for name, options in self.metric_options.items()
+            }
+        )
+
+    @staticmethod
+    def _timers() -> nn.ModuleDict:
+        names = ("seconds", "first_batch_seconds", "seconds_images", "first_batch_seconds_images", "images")
+        return nn.ModuleDict({name: SumMetric() for name in names})
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images: Tensor = batch["images"]
@@ -162,30 +147,21 @@ class EvaluationModule(L.LightningModule):
                     torch.cuda.synchronize(images.device)
                 # the first batch pays one-off costs (allocations, autograd and kernel set-up): timed apart
                 timer = "first_batch_seconds" if batch_idx == 0 else "seconds"
-                self.scores[name][timer].update(time.perf_counter() - started)
-                self.scores[name][f"{timer}_images"].update(float(images.shape[0]))
-                self._score(self.scores[name], images, maps, predictions, clean_probs, batch)
+                self.timing[name][timer].update(time.perf_counter() - started)
+                self.timing[name][f"{timer}_images"].update(float(images.shape[0]))
+                scored = ScoredBatch(
+                    self.backbone, images, maps, predictions, batch["indices"], batch.get("boxes"), logits
+                )
+                with torch.no_grad():
+                    for metric in self.scores[name].values():
+                        metric.update(scored)
+                self.timing[name]["images"].update(float(images.shape[0]))
             except Exception as error:  # one broken explainer must not cost the others their results
                 self.failures[name] = f"{type(error).__name__}: {error}"
                 log.exception("explainer %r failed on batch %d; it is skipped from here on", name, batch_idx)
                 continue
             if grid_rows:
                 self.grid.maps.setdefault(name, []).extend(maps[:grid_rows].detach().float().cpu().unbind(0))
-
-    def _score(
-        self, metrics: nn.ModuleDict, images: Tensor, maps: Tensor, targets: Tensor, clean_probs: Tensor, batch: dict
-    ) -> None:
-        with torch.no_grad():
-            for fraction in self.settings.keep_fractions:
-                masked = masked_probability(self.backbone, images, maps, targets, fraction)
-                metrics[f"ad_ic@{percent(fraction)}"].update(clean_probs, masked)
-            if "deletion" in metrics:
-                metrics["deletion"].update(self.backbone, images, maps, targets, clean_probs=clean_probs)
-            for order in ("morf", "lerf"):
-                if f"road_{order}" in metrics:
-                    metrics[f"road_{order}"].update(self.backbone, images, maps, targets, targets, batch["indices"])
-            if "boxes" in batch:
-                metrics["pointing"].update(maps, targets, batch["boxes"])
 
     def _remember_for_grid(self, images: Tensor, predictions: Tensor, probabilities: Tensor) -> int:
         """Keep the first images rank zero sees; returns how many rows of this batch were kept."""
@@ -210,35 +186,19 @@ class EvaluationModule(L.LightningModule):
                 continue
             row: dict[str, float] = {}
             curves: dict[str, Any] = {}
-            for key, metric in metrics.items():
-                if key.startswith("ad_ic@"):
-                    values = metric.compute()
-                    row[f"AD@{key[6:]}"] = float(values["AD"])
-                    row[f"IC@{key[6:]}"] = float(values["IC"])
-                    row["images"] = float(values["count"])  # synced (metric.count is this process's)
-                elif key == "deletion":
-                    values = metric.compute()
-                    row.update({k: float(v) for k, v in values.items() if self.settings.first20 or "first20" not in k})
-                    curves["deletion_insertion"] = metric.curves()
-                elif key.startswith("road_"):
-                    values = metric.compute()
-                    row[key] = float(values["accuracy"])
-                    row[f"{key}_probability"] = float(values["probability"])
-                    for level_key, value in values.items():
-                        if "@" in level_key:
-                            kind, level = level_key.split("@")
-                            row[f"{key}@{level}" if kind == "accuracy" else f"{key}_{kind}@{level}"] = float(value)
-                    curves[key] = metric.curve()
-                elif key == "pointing":
-                    values = metric.compute()  # without boxes never updated: count 0, not shown
-                    if values["pointing_images"] > 0:
-                        row.update({k: float(v) for k, v in values.items()})
-                elif key in ("seconds", "first_batch_seconds"):
-                    images = float(metrics[f"{key}_images"].compute())
-                    if images > 0 and (key == "seconds" or "seconds_per_image" not in row):
-                        row["seconds_per_image"] = float(metric.compute()) / images
+            per_image: dict[str, dict[str, Tensor]] = {}
+            for metric_name, metric in metrics.items():
+                row.update(metric.compute())
+                curves.update({key: curve.to_dict() for key, curve in metric.curves().items()})
+                per_image[metric_name] = metric.per_image()
+            timing = {key: float(timer.compute()) for key, timer in self.timing[name].items()}
+            row["images"] = timing["images"]
+            for key in ("seconds", "first_batch_seconds"):  # after the first batch when there are several
+                if timing[f"{key}_images"] > 0 and (key == "seconds" or "seconds_per_image" not in row):
+                    row["seconds_per_image"] = timing[key] / timing[f"{key}_images"]
             self.results[name] = row
             self.curves[name] = curves
+            self.per_image[name] = per_image
         labelled = float(self.labelled.compute())
         self.summary = {
             "top1_accuracy": float(self.accuracy.compute()) if labelled > 0 else None,

@@ -10,54 +10,26 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tame_lit.io import atomic_path, write_json
+from tame_lit.metrics import Column
 from tame_lit.viz import curve_plot, explainer_grid, save_figure
 
-__all__ = ["COLUMNS", "Column", "mean_ranks", "metrics_table", "print_table", "write_report"]
+__all__ = ["mean_ranks", "metrics_table", "print_table", "write_report"]
+
+Results = Mapping[str, Mapping[str, float]]
 
 
-@dataclass(frozen=True)
-class Column:
-    key: str
-    title: str
-    higher_is_better: bool | None  # None: not a faithfulness score (not ranked)
-    digits: int = 3
-    primary: bool = False  # counted in the mean rank
-
-
-COLUMNS: tuple[Column, ...] = (
-    Column("AD@100", "AD@100 ↓", False, 2),
-    Column("IC@100", "IC@100 ↑", True, 1),
-    Column("AD@50", "AD@50 ↓", False, 2),
-    Column("IC@50", "IC@50 ↑", True, 1),
-    Column("AD@15", "AD@15 ↓", False, 2, primary=True),
-    Column("IC@15", "IC@15 ↑", True, 1, primary=True),
-    Column("deletion_auc", "Deletion ↓", False, primary=True),
-    Column("insertion_auc", "Insertion ↑", True, primary=True),
-    Column("road_morf", "ROAD MoRF ↓", False, primary=True),
-    Column("road_lerf", "ROAD LeRF ↑", True, primary=True),
-    Column("AD@20", "AD@20 ↓", False, 2),  # An & Joe's "first 20 %", both readings
-    Column("IC@20", "IC@20 ↑", True, 1),
-    Column("deletion_auc_first20", "Del. 20 % ↓", False),
-    Column("insertion_auc_first20", "Ins. 20 % ↑", True),
-    Column("pointing_game", "Pointing ↑", True),
-    Column("energy_pointing_game", "Energy PG ↑", True),
-    Column("seconds_per_image", "s / image", None, 4),
-)
-
-
-def mean_ranks(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Each explainer's mean rank (1 = best) over the primary metrics present: one honest summary line,
+def mean_ranks(results: Results, columns: Sequence[Column]) -> dict[str, float]:
+    """Each explainer's mean rank (1 = best) over the primary columns present: one honest summary line,
     since the metrics can disagree (a method can win deletion and lose ROAD)."""
     ranks: dict[str, list[float]] = {name: [] for name in results}
-    for column in COLUMNS:
-        if not column.primary:
+    for column in columns:
+        if not column.primary or column.higher_is_better is None:
             continue
         scored = {name: row[column.key] for name, row in results.items() if _finite(row.get(column.key))}
         if len(scored) < 2:
@@ -73,17 +45,17 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _present_columns(results: Mapping[str, Mapping[str, float]]) -> list[Column]:
-    return [c for c in COLUMNS if any(_finite(row.get(c.key)) for row in results.values())]
+def _table_columns(results: Results, columns: Sequence[Column]) -> list[Column]:
+    return [c for c in columns if c.table and any(_finite(row.get(c.key)) for row in results.values())]
 
 
 def metrics_table(
-    results: Mapping[str, Mapping[str, float]], bold_best: bool = True
+    results: Results, columns: Sequence[Column], bold_best: bool = True
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table (explainers sorted by mean rank; best value per column in
     bold, markdown style)."""
-    columns = _present_columns(results)
-    ranks = mean_ranks(results)
+    ranks = mean_ranks(results, columns)
+    columns = _table_columns(results, columns)
     names = sorted(results, key=lambda n: (ranks.get(n, math.inf), n))
     best: dict[str, float] = {}
     for column in columns:
@@ -104,12 +76,12 @@ def metrics_table(
     return header, rows
 
 
-def print_table(results: Mapping[str, Mapping[str, float]], title: str) -> None:
+def print_table(results: Results, columns: Sequence[Column], title: str) -> None:
     """The summary table in the terminal, with rich."""
     from rich.console import Console
     from rich.table import Table
 
-    header, rows = metrics_table(results)
+    header, rows = metrics_table(results, columns)
     table = Table(title=title, show_lines=False)
     for index, name in enumerate(header):
         table.add_column(name, justify="left" if index == 0 else "right")
@@ -129,8 +101,10 @@ def _write_text(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
-def _write_csv(path: Path, results: Mapping[str, Mapping[str, float]]) -> None:
-    keys = sorted({key for row in results.values() for key in row})
+def _write_csv(path: Path, results: Results, columns: Sequence[Column]) -> None:
+    present = {key for row in results.values() for key in row}
+    keys = [c.key for c in columns if c.key in present]
+    keys += sorted(present - set(keys))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["explainer", *keys])
@@ -139,50 +113,63 @@ def _write_csv(path: Path, results: Mapping[str, Mapping[str, float]]) -> None:
     _write_text(path, buffer.getvalue())
 
 
-def _curve_figures(curves: Mapping[str, Mapping[str, Any]], results: Mapping[str, Mapping[str, float]]) -> dict:
-    figures = {}
-    deletion = {
-        f"{name} (AUC {results[name].get('deletion_auc', float('nan')):.3f})": (c["deletion_insertion"]["fraction"],
-                                                                                 c["deletion_insertion"]["deletion"])
-        for name, c in curves.items() if "deletion_insertion" in c
+def _write_per_image(path: Path, per_image: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]]) -> None:
+    """One row per explainer, key and image (long format: metrics may score different images, e.g. the
+    pointing game only those with a box of their class)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["explainer", "key", "index", "value"])
+    for name, metrics in per_image.items():
+        for values in metrics.values():
+            indices = values["index"].tolist()
+            for key, column in values.items():
+                if key != "index":
+                    writer.writerows(
+                        [name, key, index, repr(value)] for index, value in zip(indices, column.tolist(), strict=True)
+                    )
+    _write_text(path, buffer.getvalue())
+
+
+def _curve_figures(curves: Mapping[str, Mapping[str, Mapping[str, Any]]], results: Results) -> dict:
+    """One plot per curve ``figure`` (``deletion.png``, ``road.png``, ...), a line per explainer and curve."""
+    lines: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    styles: dict[str, dict[str, str]] = {}
+    groups: dict[str, dict[str, str]] = {}
+    labels: dict[str, dict[str, Any]] = {}
+    for name, explainer_curves in curves.items():
+        for curve in explainer_curves.values():
+            figure = curve["figure"]
+            label = f"{name} {curve['label']}".strip()
+            value = results.get(name, {}).get(curve.get("summary_key", ""))
+            if _finite(value):
+                label += f" ({value:.3f})"
+            lines.setdefault(figure, {})[label] = (curve["x"], curve["y"])
+            styles.setdefault(figure, {})[label] = curve.get("style", "-")
+            groups.setdefault(figure, {})[label] = name
+            labels.setdefault(figure, curve)
+    return {
+        f"{figure}.png": curve_plot(
+            lines[figure], labels[figure]["title"], labels[figure]["x_label"], labels[figure]["y_label"],
+            styles[figure], groups[figure],
+        )
+        for figure in lines
     }  # fmt: skip
-    if deletion:
-        insertion = {
-            f"{name} (AUC {results[name].get('insertion_auc', float('nan')):.3f})": (
-                c["deletion_insertion"]["fraction"], c["deletion_insertion"]["insertion"])
-            for name, c in curves.items() if "deletion_insertion" in c
-        }  # fmt: skip
-        figures["deletion.png"] = curve_plot(
-            deletion, "Deletion (lower is better)", "fraction of pixels deleted", "probability of the class"
-        )
-        figures["insertion.png"] = curve_plot(
-            insertion, "Insertion (higher is better)", "fraction of pixels inserted", "probability of the class"
-        )
-    road, styles, groups = {}, {}, {}
-    for name, c in curves.items():
-        for order, style in (("road_morf", "-"), ("road_lerf", "--")):
-            if order in c:
-                label = f"{name} {order[5:].upper()}"
-                road[label] = ([100 * x for x in c[order]["removed"]], c[order]["accuracy"])
-                styles[label], groups[label] = style, name
-    if road:
-        figures["road.png"] = curve_plot(
-            road, "ROAD (MoRF lower, LeRF higher is better)", "% of pixels removed", "top-1 kept", styles, groups
-        )
-    return figures
 
 
 def write_report(
     run_dir: str | Path,
-    results: Mapping[str, Mapping[str, float]],
+    results: Results,
+    columns: Sequence[Column],
     curves: Mapping[str, Mapping[str, Any]],
     summary: Mapping[str, Any],
     meta: Mapping[str, Any],
     grid_images: Sequence[torch.Tensor] = (),
     grid_maps: Mapping[str, Sequence[torch.Tensor]] | None = None,
     grid_titles: Sequence[str] = (),
+    per_image: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
 ) -> dict[str, Path]:
-    """Write every output of an evaluation into ``run_dir``; returns ``{name: path}``."""
+    """Write every output of an evaluation into ``run_dir``; returns ``{name: path}``. ``per_image``:
+    ``{explainer: {metric: {"index": [N], key: [N], ...}}}``, written to ``per_image.csv``."""
     run_dir = Path(run_dir)
     paths = {
         "metrics.json": run_dir / "metrics.json",
@@ -191,9 +178,12 @@ def write_report(
         "run.json": run_dir / "run.json",
     }
     write_json(paths["metrics.json"], {name: dict(row) for name, row in results.items()})
-    _write_csv(paths["metrics.csv"], results)
+    _write_csv(paths["metrics.csv"], results, columns)
     write_json(paths["curves.json"], {name: dict(c) for name, c in curves.items()})
-    write_json(paths["run.json"], {**meta, **summary, "mean_rank": mean_ranks(results)})
+    write_json(paths["run.json"], {**meta, **summary, "mean_rank": mean_ranks(results, columns)})
+    if per_image:
+        paths["per_image.csv"] = run_dir / "per_image.csv"
+        _write_per_image(paths["per_image.csv"], per_image)
 
     figures = _curve_figures(curves, results)
     if grid_images and grid_maps:
@@ -205,12 +195,13 @@ def write_report(
         save_figure(figure, paths[name])
 
     paths["report.md"] = run_dir / "report.md"
-    _write_text(paths["report.md"], _markdown(results, summary, meta, figures))
+    _write_text(paths["report.md"], _markdown(results, columns, summary, meta, figures))
     return paths
 
 
-def _markdown(results: Mapping, summary: Mapping, meta: Mapping, figures: Mapping) -> str:
-    header, rows = metrics_table(results)
+def _markdown(results: Results, columns: Sequence[Column], summary: Mapping, meta: Mapping, figures: Mapping) -> str:
+    header, rows = metrics_table(results, columns)
+    ranked = ", ".join(c.title.rstrip(" ↑↓") for c in columns if c.primary and c.higher_is_better is not None)
     accuracy = summary.get("top1_accuracy")
     backbone = meta.get("backbone", {})
     lines = [
@@ -232,8 +223,8 @@ def _markdown(results: Mapping, summary: Mapping, meta: Mapping, figures: Mappin
         "",
         _markdown_table(header, rows),
         "",
-        "Best value per column in bold. *Mean rank* averages each explainer's rank over AD@15, IC@15, deletion, "
-        "insertion, ROAD MoRF and ROAD LeRF (the metrics can disagree: read the columns, not only the rank).",
+        f"Best value per column in bold. *Mean rank* averages each explainer's rank over {ranked} (the metrics "
+        "can disagree: read the columns, not only the rank).",
         "",
         "- **AD / IC @ p**: TAME's Average Drop / Increase in Confidence (%) with the top p % of each map's pixels "
         "kept at their soft values, the rest black.",

@@ -8,14 +8,20 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tame_lit.config import config_dir, instantiate_group, metric_value, print_config
+from tame_lit.checkpoints import IncompatibleCheckpointError
+from tame_lit.config import (
+    check_command_line,
+    config_dir,
+    finishing,
+    instantiate_group,
+    metric_value,
+    start_process,
+    start_task,
+)
 from tame_lit.io import write_json
-from tame_lit.system import keep_freed_memory
-from tame_lit.training import IncompatibleCheckpointError
 
 __all__ = ["main", "train"]
 
@@ -24,10 +30,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured head; returns the final logged metrics (also written to ``metrics.json``)."""
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("float32_matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    start_task(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path not found: {Path(ckpt_path).resolve()}")
@@ -43,26 +46,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams({"config": settings})
 
-    try:
-        if cfg.get("validate_first") and not ckpt_path:
-            baseline = trainer.validate(module, datamodule=datamodule, verbose=False)
-            log.info("untrained head: %s", baseline[0] if baseline else {})
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-        if trainer.is_global_zero:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            write_json(Path(trainer.default_root_dir) / "metrics.json", {"metrics": metrics, "best_checkpoint": best})
-            if best:
-                log.info("best checkpoint: %s", best)
-            if best and cfg.get("export", True):
-                _export(best, Path(trainer.default_root_dir) / "export", loggers)
-    except IncompatibleCheckpointError as error:
-        raise IncompatibleCheckpointError(f"{ckpt_path}: {error}") from None
-    finally:
-        if any(isinstance(logger, L.pytorch.loggers.WandbLogger) for logger in loggers):
-            import wandb
-
-            wandb.finish()
+    with finishing(loggers):
+        try:
+            if cfg.get("validate_first") and not ckpt_path:
+                baseline = trainer.validate(module, datamodule=datamodule, verbose=False)
+                log.info("untrained head: %s", baseline[0] if baseline else {})
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+            if trainer.is_global_zero:
+                best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+                write_json(
+                    Path(trainer.default_root_dir) / "metrics.json", {"metrics": metrics, "best_checkpoint": best}
+                )
+                if best:
+                    log.info("best checkpoint: %s", best)
+                if best and cfg.export:
+                    _export(best, Path(trainer.default_root_dir) / "export", loggers)
+        except IncompatibleCheckpointError as error:
+            raise IncompatibleCheckpointError(f"{ckpt_path}: {error}") from None
     return metrics
 
 
@@ -83,9 +84,14 @@ def _export(checkpoint: str, out: Path, loggers: list) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    if cfg.get("keep_freed_memory", True):
-        keep_freed_memory()
-    print_config(cfg)
+def run(cfg: DictConfig) -> float | None:
+    start_process(cfg, ("backbone", "head", "data", "loss", "optimizer", "trainer", "ckpt_path"))
     metrics = train(cfg)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    return metric_value(metrics, cfg.optimized_metric)
+
+
+def main() -> float | None:
+    """``python train.py`` / ``tame-train``: check the config the command line asks for (an unknown key or a
+    wrong type stops here, with the valid keys), then let Hydra run it."""
+    check_command_line("train")
+    return run()

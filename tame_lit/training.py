@@ -14,24 +14,21 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim.lr_scheduler import OneCycleLR
 
-from tame_lit import __version__, backbones, heads
-from tame_lit.explainers import HeadExplainer, head_maps
-from tame_lit.heads import select_classes
+from tame_lit import __version__, backbones, checkpoints, heads
+from tame_lit.checkpoints import IncompatibleCheckpointError
+from tame_lit.features import preserved_state
+from tame_lit.heads import head_maps, select_classes
 from tame_lit.losses import MaskingLoss
 from tame_lit.maps import upsample
-from tame_lit.metrics import AverageDropIncrease, class_probability, masked_probability
+from tame_lit.metrics import AverageDropIncrease, ScoredBatch
 
 __all__ = ["HeadTrainingModule", "IncompatibleCheckpointError", "OptimizerConfig"]
 
 # Lightning warns about submodules in eval mode at fit start; the frozen backbone is, on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-class IncompatibleCheckpointError(ValueError):
-    """A checkpoint was trained for another backbone, head or set of layers than the run that loads it."""
 
 
 @dataclass
@@ -54,10 +51,6 @@ class OptimizerConfig:
     cycle_momentum: bool = True
     base_momentum: float = 0.85
     max_momentum: float = 0.95
-
-
-def _percent(fraction: float) -> str:
-    return f"{fraction * 100:g}"
 
 
 class HeadTrainingModule(L.LightningModule):
@@ -85,7 +78,7 @@ class HeadTrainingModule(L.LightningModule):
         if "name" not in head_cfg:
             raise ValueError(f"head config needs a 'name' (one of {heads.available()}), got {head_cfg}")
         self.backbone = backbones.create(**backbone_cfg)
-        head_options = {k: v for k, v in head_cfg.items() if k not in ("name", "layers")}
+        head_options = checkpoints.head_options(head_cfg)
         self.head = heads.create(head_cfg["name"], self.backbone, head_cfg.get("layers"), **head_options)
         head_cfg["layers"] = list(self.head.layers)
         self.objective = MaskingLoss(**(loss or {}))
@@ -102,8 +95,7 @@ class HeadTrainingModule(L.LightningModule):
                 "val_keep": list(self.val_keep),
             }
         )
-        self.val_ad_ic = nn.ModuleDict({_percent(f): AverageDropIncrease() for f in self.val_keep})
-        self.explainer = HeadExplainer(self.backbone, self.head)
+        self.val_ad_ic = AverageDropIncrease(keep=self.val_keep)
 
     # ---- the masking objective -------------------------------------------------------------------
     def _labels(self, logits: Tensor, dataset_labels: Tensor) -> Tensor:
@@ -168,21 +160,30 @@ class HeadTrainingModule(L.LightningModule):
 
         # AD / IC: explain the top-1 class with the min-max pre-sigmoid map, keep the top pixels per image
         maps = head_maps(self.head, features, predicted, images.shape[-2:])
-        clean = class_probability(logits, predicted)
-        for fraction, metric in zip(self.val_keep, self.val_ad_ic.values(), strict=True):
-            metric.update(clean, masked_probability(self.backbone, images, maps, predicted, fraction))
+        scored = ScoredBatch(self.backbone, images, maps, predicted, batch["indices"], clean_logits=logits)
+        self.val_ad_ic.update(scored)
 
     def on_validation_epoch_end(self) -> None:
-        for percent, metric in self.val_ad_ic.items():
-            if metric.update_count == 0:
-                continue
-            values = metric.compute()  # already summed over processes: sync_dist only averages equal values
-            self.log(f"val/AD@{percent}", values["AD"], sync_dist=True)
-            self.log(f"val/IC@{percent}", values["IC"], sync_dist=True)
-            metric.reset()
+        if self.val_ad_ic.update_count == 0:
+            return
+        # already summed over processes: sync_dist only averages equal values
+        for key, value in self.val_ad_ic.compute().items():
+            self.log(f"val/{key}", value, sync_dist=True)
+        self.val_ad_ic.reset()
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
+        """The head's maps of ``targets`` (default: each image's top-1 class), as ``HeadExplainer`` computes
+        them: backbone and head in eval mode, their modes restored afterwards."""
+        with preserved_state(self.backbone), preserved_state(self.head):
+            self.backbone.eval()
+            self.head.eval()
+            logits, features = self.backbone.features(images, self.head.layers)
+            targets = logits.argmax(dim=1) if targets is None else targets.to(images.device)
+            return head_maps(self.head, features, targets, images.shape[-2:])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.explainer(batch["images"])
+        return self.explain(batch["images"])
 
     # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -228,37 +229,14 @@ class HeadTrainingModule(L.LightningModule):
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("backbone.")
         }
-        checkpoint["tame_lit"] = self._compatibility() | {"version": __version__}
+        checkpoint["tame_lit"] = self.compatibility() | {"version": __version__}
 
-    def _compatibility(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone.name,
-            "weights": self.backbone.weights_source,
-            "weights_fingerprint": self.backbone.fingerprint(),
-            "head": self.hparams["head"]["name"],
-            "head_options": {k: v for k, v in self.hparams["head"].items() if k not in ("name", "layers")},
-            "layer_shapes": {name: list(shape) for name, shape in self.head.layer_shapes.items()},
-            "num_classes": self.head.num_classes,
-        }
+    def compatibility(self) -> dict[str, Any]:
+        """This run's compatibility record (``tame_lit.checkpoints.compatibility``), stored in checkpoints."""
+        return checkpoints.compatibility(self.backbone, self.head, self.hparams["head"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("tame_lit")
-        if saved is None:
-            raise IncompatibleCheckpointError("this checkpoint was not written by tame-lit (no 'tame_lit' entry)")
-        mine = self._compatibility()
-        for key in ("backbone", "head", "head_options", "layer_shapes", "num_classes"):
-            if key in saved and saved[key] != mine[key]:
-                raise IncompatibleCheckpointError(
-                    f"checkpoint was trained with {key}={saved.get(key)!r}, but this run has {key}={mine[key]!r}; "
-                    f"run with the checkpoint's settings (backbone={saved.get('backbone')}, head={saved.get('head')},"
-                    f" layers {list(saved.get('layer_shapes', {}))}) or start without ckpt_path"
-                )
-        if saved.get("weights_fingerprint") != mine["weights_fingerprint"]:
-            warnings.warn(
-                f"the head was trained on {saved['backbone']} weights {saved.get('weights')!r}; this backbone has "
-                f"other weights ({mine['weights']!r}): its explanations may not fit these weights",
-                stacklevel=2,
-            )
+        checkpoints.check_compatible(checkpoints.saved_record(checkpoint), self.compatibility())
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load a head-only state dict; the backbone keeps the weights it was built with."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -12,12 +13,15 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
+from tame_lit import metrics as metric_registry
 from tame_lit.evaluate import EvaluationFailed, evaluate, trained_head_settings
+from tame_lit.evaluation import metric_columns
+from tame_lit.metrics import Column, FaithfulnessMetric, ScoredBatch
 from tame_lit.report import mean_ranks
 from tame_lit.train import train
 from tests.helpers import TINY_OVERRIDES, compose_train, run_cli
 
-FAST_METRICS = ["metrics.deletion_steps=4", "metrics.road_levels=[0.25,0.75]", "data.num_workers=0"]
+FAST_METRICS = ["metrics.deletion.steps=4", "metrics.road.levels=[0.25,0.75]", "data.num_workers=0"]
 REQUIRED = [
     "AD@100",
     "IC@100",
@@ -108,8 +112,9 @@ def test_cli_writes_every_output_with_boxes_and_wandb_offline(tmp_path):
         assert {"road_morf@25", "road_lerf@75", "pointing_game", "energy_pointing_game"} <= set(row)
         assert row["pointing_images"] == 6  # every image has a box of whatever class it is explained for
     curves = json.loads((run_dir / "curves.json").read_text())
-    assert len(curves["gradcam"]["deletion_insertion"]["deletion"]) == 5  # 4 steps + the clean image
-    assert curves["gradcam"]["road_morf"]["removed"] == [0.25, 0.75]
+    assert len(curves["gradcam"]["deletion"]["y"]) == 5  # 4 steps + the clean image
+    assert curves["gradcam"]["deletion"]["x"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert curves["gradcam"]["road_morf"]["x"] == [25.0, 75.0] and curves["gradcam"]["road_lerf"]["figure"] == "road"
     with open(run_dir / "metrics.csv") as handle:
         assert len(handle.read().strip().splitlines()) == 3
     report = (run_dir / "report.md").read_text()
@@ -266,7 +271,11 @@ def test_mean_rank_orders_by_the_primary_metrics():
         "bad": {"AD@15": 50.0, "IC@15": 5.0, "deletion_auc": 0.4, "insertion_auc": 0.3},
         "mixed": {"AD@15": 20.0, "IC@15": 30.0, "deletion_auc": 0.5, "insertion_auc": 0.5},
     }
-    ranks = mean_ranks(results)
+    columns = metric_columns({name: metric_registry.create(name) for name in metric_registry.available()})
+    assert [c.key for c in columns if c.primary] == [
+        "AD@15", "IC@15", "deletion_auc", "insertion_auc", "road_morf", "road_lerf"
+    ]  # fmt: skip
+    ranks = mean_ranks(results, columns)
     assert ranks["good"] == pytest.approx((1 + 1.5 + 1 + 1) / 4)
     assert ranks["mixed"] == pytest.approx((2 + 1.5 + 3 + 2) / 4)
     assert ranks["bad"] == pytest.approx((3 + 3 + 2 + 3) / 4)
@@ -282,7 +291,7 @@ def test_a_trained_sacam_head_is_evaluated_beside_cam_and_its_export_loads(tmp_p
     assert saved["tame_lit"]["head"] == "sacam" and saved["tame_lit"]["head_options"]["init_from_classifier"]
     assert any(key.endswith(".gamma") for key in saved["state_dict"])
     images = torch.rand(3, 3, 64, 64)
-    from tame_lit.explainers import load_explainer
+    from tame_lit import load_explainer
 
     backbone = load_explainer(checkpoint).backbone  # random weights: one copy for both
     exported, trained = load_explainer(run / "export", backbone=backbone), load_explainer(checkpoint, backbone=backbone)
@@ -337,3 +346,56 @@ def test_an_ablation_table_tells_the_trained_variants_apart(tmp_path):
         assert cited["variant"] == name and cited["step"] == 2
     assert run["data"]["limit_per_class"] == 2
     assert "'variant': 'no_skip'" in (tmp_path / "evaluate" / "report.md").read_text()
+
+
+class MapMass(FaithfulnessMetric):
+    """A toy metric, registered the documented way: the mean value of each map (scaled), per image."""
+
+    def __init__(self, scale: float = 1.0, **kwargs) -> None:
+        super().__init__(per_image_keys=["map_mass"], **kwargs)
+        self.scale = scale
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, batch: ScoredBatch) -> None:
+        values = self.scale * batch.maps.double().mean(dim=(1, 2))
+        self.total = self.total + values.sum()
+        self.count = self.count + batch.size
+        self.record(batch.indices, map_mass=values)
+
+    def compute(self) -> dict[str, float]:
+        return {"map_mass": float(self.total) / max(int(self.count), 1)}
+
+    def columns(self) -> list[Column]:
+        return [Column("map_mass", "Map mass ↓", False, primary=True)]
+
+
+def test_a_registered_metric_reaches_every_output_without_editing_the_evaluation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(metric_registry.METRICS, "map_mass", MapMass)
+    data = image_folder(tmp_path / "images", count=3)
+    overrides = [*TINY_OVERRIDES, "data=folder", f"data.root={data}", "data.num_workers=0", "logger=none"]
+    overrides += ["explainers=[gradcam,random]", "+metrics={map_mass: {scale: 2.0}}", "~metrics.road"]
+    overrides += ["~metrics.deletion", "~metrics.pointing", "metrics.ad_ic.keep=[0.5]"]
+    cfg = compose_train(overrides, tmp_path / "run", config="evaluate")
+    results = evaluate(cfg)
+    run_dir = tmp_path / "run"
+    written = json.loads((run_dir / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    for name in ("gradcam", "random"):
+        assert set(written[name]) == {"AD@50", "IC@50", "map_mass", "images", "seconds_per_image"}
+        assert 0 < written[name]["map_mass"] <= 2.0
+    with open(run_dir / "metrics.csv") as handle:
+        header = handle.readline().strip().split(",")
+    assert header[:4] == ["explainer", "AD@50", "IC@50", "map_mass"]
+    report = (run_dir / "report.md").read_text()
+    assert "Map mass ↓" in report and "rank over Map mass (" in report  # AD@50 is not ranked by default
+    assert "Map mass" in capsys.readouterr().out  # the terminal table
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["metrics"]["options"]["map_mass"] == {"scale": 2.0}
+    # its per-image values are kept, by dataset index, and average to the reported number
+    with open(run_dir / "per_image.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["key"] == "map_mass"]
+    for name in ("gradcam", "random"):
+        values = {int(row["index"]): float(row["value"]) for row in rows if row["explainer"] == name}
+        assert sorted(values) == [0, 1, 2]
+        assert sum(values.values()) / 3 == pytest.approx(written[name]["map_mass"], abs=1e-9)

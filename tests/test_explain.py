@@ -1,8 +1,10 @@
-"""``tame-explain``: inputs, targets, and real runs on imagenet-sample with Grad-CAM and a trained head."""
+"""``tame-explain``: inputs, targets, every kind of explainer (method, checkpoint, export folder, program,
+ONNX graph) on the tiny backbone, and real runs on imagenet-sample with Grad-CAM and a trained head."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from tame_lit.data import imagenet_class_names
-from tame_lit.explain import collect_inputs, resolve_target
+from tame_lit import backbones
+from tame_lit.cli.explain import collect_inputs, main, resolve_target
+from tame_lit.data import ImageDataset, collate, eval_transform, imagenet_class_names
+from tame_lit.export import export_head
 from tame_lit.train import train
-from tests.helpers import ROOT, compose_train
+from tests.helpers import ROOT, TINY_BACKBONE, compose_train
 
 
 def test_inputs_are_files_folders_and_globs_without_repeats(tmp_path):
@@ -41,6 +47,68 @@ def test_targets_by_index_or_name():
         resolve_target("cat", None, 10)
 
 
+HAS_ONNX = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    """The tiny trained head exported with its program and, when onnx is installed, its ONNX graph."""
+    return export_head(checkpoint, tmp_path_factory.mktemp("explain") / "export", program=True, onnx=HAS_ONNX)
+
+
+def small_photos(folder: Path, count: int = 2) -> list[Path]:
+    folder.mkdir()
+    generator = np.random.default_rng(0)
+    paths = [folder / f"photo{index}.png" for index in range(count)]
+    for index, path in enumerate(paths):
+        Image.fromarray(generator.integers(0, 256, (70 + 10 * index, 90, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["method", "checkpoint", "export", "program", "onnx"])
+def test_every_kind_of_explainer_writes_maps_and_the_models_top1(kind, checkpoint, exported, tmp_path):
+    """The .onnx case used to fail with AttributeError ('OnnxExplainer' object has no attribute 'metadata')."""
+    if kind == "onnx" and not HAS_ONNX:
+        pytest.skip("onnx / onnxruntime not installed")
+    photos = small_photos(tmp_path / "photos")
+    spec = {"method": "gradcam", "checkpoint": checkpoint, "export": exported, "program": exported / "explainer.pt2",
+            "onnx": exported / "explainer.onnx"}[kind]  # fmt: skip
+    # a method runs on --backbone (a 1000-class test_resnet, random weights seeded alike below); a trained
+    # explainer on the backbone it was trained on (tiny test_resnet, weights from a file)
+    options = ["--backbone", "test_resnet", "--weights", "none"] if kind == "method" else []
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    code = main([str(tmp_path / "photos"), "--explainer", str(spec), "--out", str(out), "--topk", "2", "--device",
+                 "cpu", *options])  # fmt: skip
+    assert code == 0
+
+    torch.manual_seed(0)
+    if kind == "method":
+        backbone = backbones.create("test_resnet", weights=None)
+    else:
+        weights = checkpoint.parent.parent / "test_resnet.safetensors"
+        backbone = backbones.create(**{**TINY_BACKBONE, "weights": str(weights)})
+    size = backbone.input_size[0]
+    images = collate([ImageDataset([(str(p), -1) for p in photos], eval_transform(size, size))[i] for i in (0, 1)])
+    with torch.no_grad():
+        probabilities = backbone.eval()(images["images"]).softmax(dim=1)
+
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["explanations"]
+    assert summary["failed"] == [] and len(rows) == 4  # 2 images x top-2
+    assert {(Path(row["file"]).name, row["rank"]) for row in rows} == {(p.name, r) for p in photos for r in (1, 2)}
+    for row in rows:
+        assert (out / row["overlay"]).stat().st_size > 1000
+        saliency = np.load(out / row["map"])
+        assert saliency.dtype == np.float32 and saliency.shape == (size, size)
+        assert saliency.min() >= 0 and saliency.max() <= 1 and saliency.max() > 0
+        if row["rank"] == 1:
+            index = [p.name for p in photos].index(Path(row["file"]).name)
+            assert row["class"] == int(probabilities[index].argmax())
+            assert row["probability"] == pytest.approx(float(probabilities[index].max()), abs=1e-4)
+    assert (out / "summary.csv").is_file() and (out / "index.html").read_text().count("<img ") == 4
+
+
 def sample_folder(shared_data: Path, root: Path, count: int = 5) -> Path:
     """``count`` imagenet-sample photos and one corrupt file."""
     root.mkdir()
@@ -52,7 +120,7 @@ def sample_folder(shared_data: Path, root: Path, count: int = 5) -> Path:
 
 
 def run_explain(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tame_lit.explain", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tame_lit.cli.explain", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip
 
 

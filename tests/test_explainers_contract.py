@@ -9,7 +9,7 @@ import torch
 
 from tame_lit import backbones, explainers
 from tame_lit.features import count_hooks
-from tests.helpers import TINY_BACKBONE
+from tests.helpers import TINY_BACKBONE, compose_train
 
 # small settings so that each method runs in about a second on a CPU
 FAST = {
@@ -104,16 +104,18 @@ def test_degenerate_inputs_give_zeros_not_nan(name, backbone):
     assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
 
 
-def test_every_explainer_has_a_config_that_builds_it(backbone):
-    import yaml
+def test_every_explainer_has_a_config_that_builds_it(backbone, tmp_path):
+    from omegaconf import OmegaConf
 
     from tame_lit.config import config_dir
 
     folder = Path(config_dir()) / "explainer"
     assert sorted(path.stem for path in folder.glob("*.yaml")) == sorted(ALL)
-    for path in folder.glob("*.yaml"):
-        options = yaml.safe_load(path.read_text())
+    cfg = compose_train([], tmp_path, config="evaluate")
+    assert sorted(cfg.explainer) == sorted(ALL)
+    for key, entry in cfg.explainer.items():
+        options = OmegaConf.to_container(entry, resolve=True)
         name = options.pop("name")
-        assert name == path.stem
+        assert name == key
         explainer = explainers.create(name, backbone, **options)
         assert isinstance(explainer, explainers.Explainer)

@@ -1,36 +1,23 @@
-"""Head-only export: files, reload without Lightning, verification, tampered and truncated files."""
+"""Head-only export: files, reload without Lightning, verification, tampered and truncated files; the one
+compatibility check of checkpoints and exports. ``checkpoint``: a briefly trained tiny head (conftest.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tame_lit import backbones, load_explainer
+from tame_lit.checkpoints import IncompatibleCheckpointError
 from tame_lit.explainers import create
 from tame_lit.export import ExportError, InvalidExportError, export_head, load_export, sha256, verify_maps
-from tame_lit.train import train
-from tests.helpers import ROOT, TINY_BACKBONE, TINY_OVERRIDES, compose_train
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A briefly trained head on the tiny backbone, whose weights come from a file (random init would
-    differ in every process)."""
-    run = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    weights = run / "test_resnet.safetensors"
-    from safetensors.torch import save_file
-
-    save_file(backbones.create(**TINY_BACKBONE).model.state_dict(), str(weights))
-    overrides = [*TINY_OVERRIDES, f"backbone.weights={weights}", "trainer.max_steps=3", "data.num_workers=0"]
-    train(compose_train(overrides, run))
-    return run / "checkpoints" / "last.ckpt"
+from tame_lit.training import HeadTrainingModule
+from tests.helpers import ROOT, TINY_BACKBONE
 
 
 def test_export_writes_small_verified_files(checkpoint, tmp_path):
@@ -87,8 +74,37 @@ def test_tampered_and_truncated_weights_are_refused(checkpoint, tmp_path):
 def test_an_export_is_refused_on_another_backbone(checkpoint, tmp_path):
     out = export_head(checkpoint, tmp_path / "export")
     other = backbones.create(**{**TINY_BACKBONE, "name": "test_efficientnet"})
-    with pytest.raises(InvalidExportError, match=r"'test_resnet'.*not 'test_efficientnet'"):
+    refused = r"trained with backbone='test_resnet', but this run has backbone='test_efficientnet'"
+    with pytest.raises(IncompatibleCheckpointError, match=refused):
         load_export(out, backbone=other)
+    assert issubclass(InvalidExportError, IncompatibleCheckpointError)  # one `except` catches both
+
+
+def test_every_reader_refuses_another_backbone_with_the_same_check(checkpoint, tmp_path):
+    """Resuming (HeadTrainingModule), load_explainer on a checkpoint, an export folder and a program: one
+    compatibility check, one error type, one message (after the file's name)."""
+    other_config = {**TINY_BACKBONE, "name": "test_efficientnet"}
+    other = backbones.create(**other_config)
+    out = export_head(checkpoint, tmp_path / "export", verify=False, program=True)
+    readers = {
+        "resume": lambda: HeadTrainingModule.load_from_checkpoint(
+            checkpoint, weights_only=True, backbone=other_config, head={"name": "tame"}
+        ),
+        "checkpoint": lambda: load_explainer(checkpoint, backbone=other),
+        "export": lambda: load_explainer(out, backbone=other),
+        "program": lambda: load_explainer(out / "explainer.pt2", backbone=other),
+    }
+    messages = {}
+    for name, read in readers.items():
+        with pytest.raises(IncompatibleCheckpointError) as caught:
+            read()
+        assert type(caught.value) is IncompatibleCheckpointError, name
+        messages[name] = str(caught.value)
+    start = "the head was trained with backbone='test_resnet', but this run has backbone='test_efficientnet'; "
+    shapes = {message[message.index(start) :] for message in messages.values()}
+    assert len(shapes) == 1, messages
+    assert "head=tame" in shapes.pop()
+    assert messages["checkpoint"].startswith(f"{checkpoint}: ") and messages["export"].startswith(f"{out}: ")
 
 
 def test_a_head_on_other_weights_of_its_backbone_warns_with_both_fingerprints(checkpoint):
@@ -198,3 +214,35 @@ def test_onnx_export_reproduces_the_maps_in_onnxruntime(checkpoint, tmp_path):
     torch.testing.assert_close(onnx(images), eager(images, top1), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         onnx(images, torch.tensor([0, 1, 2, 3, 10]))
+
+
+def test_evaluation_takes_every_kind_of_trained_file_checked_against_its_backbone(checkpoint, tmp_path):
+    from omegaconf import OmegaConf
+
+    from tame_lit.evaluate import build_explainers
+
+    has_onnx = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+    out = export_head(checkpoint, tmp_path / "export", verify=False, program=True, onnx=has_onnx)
+    names = [str(checkpoint), str(out), str(out / "explainer.pt2")] + (
+        [str(out / "explainer.onnx")] if has_onnx else []
+    )
+    cfg = OmegaConf.create({"explainers": names, "heads": {}, "explainer": {}})
+    weights = checkpoint.parent.parent / "test_resnet.safetensors"
+    backbone = backbones.create(**{**TINY_BACKBONE, "weights": str(weights)})
+    built, settings, failures = build_explainers(cfg, backbone)
+    assert failures == {} and list(built) == names
+    images = torch.rand(2, 3, 64, 64)
+    reference = built[str(checkpoint)](images)
+    for name in names[1:]:
+        torch.testing.assert_close(built[name](images), reference, rtol=0, atol=1e-4)
+    assert all(settings[name]["head"] == "tame" and settings[name]["checkpoint"] for name in names)
+    assert settings[str(checkpoint)]["layers"] == ["layer2", "layer3", "layer4"] and "step" in settings[str(checkpoint)]
+
+    other = backbones.create(**{**TINY_BACKBONE, "name": "test_efficientnet"})
+    _, _, failures = build_explainers(cfg, other)
+    assert list(failures) == names
+    for failure in failures.values():
+        assert (
+            failure.startswith("IncompatibleCheckpointError: ")
+            and "this run has backbone='test_efficientnet'" in failure
+        )

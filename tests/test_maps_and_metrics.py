@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tame_lit.maps import keep_top, normalize, upsample
-from tame_lit.metrics import AverageDropIncrease, masked_probability
+from tame_lit.metrics import AverageDropIncrease, ScoredBatch, masked_probability
 
 
 def test_keep_top_keeps_exactly_ceil_p_hw_pixels_with_soft_values():
@@ -43,14 +43,30 @@ def test_upsample_is_bilinear_without_aligned_corners():
     torch.testing.assert_close(upsample(maps, (1, 4)), torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
 
 
+class MeanIsProbability(torch.nn.Module):
+    """Two classes; p(class 1) = the image's mean value (logit(mean) against 0)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.mean(dim=(1, 2, 3)).double()
+        return torch.stack([torch.zeros_like(mean), torch.log(mean / (1 - mean))], dim=1)
+
+
 def test_average_drop_and_increase_by_hand():
-    metric = AverageDropIncrease()
-    metric.update(torch.tensor([0.8, 0.5]), torch.tensor([0.4, 0.6]))
-    metric.update(torch.tensor([0.2]), torch.tensor([0.2]))
+    metric = AverageDropIncrease(keep=[1.0], ranked=[1.0])
+    model, one = MeanIsProbability(), torch.ones(1, 3, 2, 2)
+    # clean probabilities 0.8, 0.5, 0.2; the maps (all kept at 100 %) scale them to 0.4, 0.6, 0.2
+    images, maps = torch.cat([0.8 * one, 0.5 * one]), torch.stack([torch.full((2, 2), 0.5), torch.full((2, 2), 1.2)])
+    metric.update(ScoredBatch(model, images, maps, torch.tensor([1, 1]), torch.tensor([0, 1])))
+    metric.update(ScoredBatch(model, 0.2 * one, torch.ones(1, 2, 2), torch.tensor([1]), torch.tensor([2])))
     values = metric.compute()
     # drops: (0.8-0.4)/0.8 = 0.5, 0, 0 -> AD = 100 * 0.5 / 3; increases: only 0.6 > 0.5 -> IC = 100 / 3
-    assert values["AD"].item() == pytest.approx(100 * 0.5 / 3)
-    assert values["IC"].item() == pytest.approx(100 / 3)
+    assert values == {"AD@100": pytest.approx(100 * 0.5 / 3), "IC@100": pytest.approx(100 / 3)}
+    per_image = metric.per_image()
+    assert per_image["index"].tolist() == [0, 1, 2]
+    assert per_image["AD@100"].tolist() == pytest.approx([50.0, 0.0, 0.0])
+    assert per_image["IC@100"].tolist() == [0.0, 100.0, 0.0]
+    assert [c.key for c in metric.columns()] == ["AD@100", "IC@100"]
+    assert [c.primary for c in metric.columns()] == [True, True]
 
 
 def test_ad_ic_does_not_depend_on_the_batch_size(tiny_backbone):
@@ -87,12 +103,12 @@ def test_ad_ic_on_a_toy_model_by_hand():
     masked = masked_probability(BrightnessModel(), images, maps, targets, 0.5)
     expected = torch.sigmoid(torch.tensor([4 * 0.75, 0.0]))
     torch.testing.assert_close(masked, expected)
-    metric = AverageDropIncrease()
-    metric.update(torch.stack([clean, clean]), masked)
+    metric = AverageDropIncrease(keep=[0.5])
+    metric.update(ScoredBatch(BrightnessModel(), images, maps, targets))  # runs the masked pass itself
     values = metric.compute()
     drops = (clean - expected).clamp_min(0) / clean
-    assert values["AD"].item() == pytest.approx(100 * drops.mean().item())
-    assert values["IC"].item() == 0.0 and values["count"].item() == 2
+    assert values["AD@50"] == pytest.approx(100 * drops.mean().item())
+    assert values["IC@50"] == 0.0 and int(metric.count) == 2
     # 25 % kept: image 0 keeps only its 1.0 column (left-half mean 0.5)
     masked = masked_probability(BrightnessModel(), images, maps, targets, 0.25)
     torch.testing.assert_close(masked[0], torch.sigmoid(torch.tensor(2.0)))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from tame_lit.metrics.base import probabilities
+from tame_lit.metrics.base import ScoredBatch, probabilities
 from tame_lit.metrics.deletion import (
     DeletionInsertion,
     curve_auc,
@@ -81,6 +81,13 @@ def reference_curves(image: Tensor, saliency: Tensor, weights: Tensor, step: int
     return deletion, insertion
 
 
+def points(metric: DeletionInsertion) -> dict[str, list[float]]:
+    """The metric's two mean curves as ``{"fraction": x, "deletion": y, "insertion": y}``."""
+    curves = metric.curves()
+    assert curves["deletion"].x == curves["insertion"].x
+    return {"fraction": curves["deletion"].x, "deletion": curves["deletion"].y, "insertion": curves["insertion"].y}
+
+
 def trapezoid(x: list[float], y: list[float]) -> float:
     return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
 
@@ -100,17 +107,17 @@ def test_fully_hand_computed_short_last_step():
     model = RegionModel(weights)
     images, maps = torch.ones(1, 3, 8, 8), -torch.arange(64.0).view(1, 8, 8)
     metric = DeletionInsertion(step=24)
-    metric.update(model, images, maps, torch.tensor([1]))
-    curves = metric.curves()
+    metric.update(ScoredBatch(model, images, maps, torch.tensor([1])))
+    curves = points(metric)
     assert curves["fraction"] == pytest.approx([0, 0.375, 0.75, 1.0], abs=1e-12)
     assert curves["deletion"] == pytest.approx([1, 0, 0, 0], abs=1e-6)
     assert curves["insertion"] == pytest.approx([1, 1, 1, 1], abs=1e-6)  # the blur of a constant image is itself
     out = metric.compute()
-    assert out["deletion_auc"].item() == pytest.approx(0.375 / 2, abs=1e-6)
+    assert out["deletion_auc"] == pytest.approx(0.375 / 2, abs=1e-6)
     # y(0.2) = 1 - 0.2 / 0.375 = 7/15; area over [0, 0.2] / 0.2 = (1 + 7/15) / 2 = 11/15
-    assert out["deletion_auc_first20"].item() == pytest.approx(11 / 15, abs=1e-6)
-    assert out["insertion_auc"].item() == pytest.approx(1.0, abs=1e-6)
-    assert out["insertion_auc_first20"].item() == pytest.approx(1.0, abs=1e-6)
+    assert out["deletion_auc_first20"] == pytest.approx(11 / 15, abs=1e-6)
+    assert out["insertion_auc"] == pytest.approx(1.0, abs=1e-6)
+    assert out["insertion_auc_first20"] == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("step", [24, 10, 7])  # 64 px: short last steps of 16, 4 and 1 pixels
@@ -121,52 +128,52 @@ def test_curves_and_aucs_match_a_python_reference(step: int):
     weights = region_weights()
     targets = torch.tensor([1, 1, 1])
     metric = DeletionInsertion(step=step, chunk_size=4)
-    metric.update(RegionModel(weights), images, maps, targets)
+    metric.update(ScoredBatch(RegionModel(weights), images, maps, targets))
 
     n = math.ceil(64 / step)
     x = [min(k * step, 64) / 64 for k in range(n + 1)]
     per_image = [reference_curves(images[i], maps[i], weights, step) for i in range(3)]
     deletion = [sum(curve[0][k] for curve in per_image) / 3 for k in range(n + 1)]
     insertion = [sum(curve[1][k] for curve in per_image) / 3 for k in range(n + 1)]
-    curves = metric.curves()
+    curves = points(metric)
     assert curves["fraction"] == pytest.approx(x, abs=1e-12)
     assert curves["deletion"] == pytest.approx(deletion, abs=1e-6)
     assert curves["insertion"] == pytest.approx(insertion, abs=1e-6)
     out = metric.compute()
-    assert out["deletion_auc"].item() == pytest.approx(trapezoid(x, deletion), abs=1e-6)
-    assert out["insertion_auc"].item() == pytest.approx(trapezoid(x, insertion), abs=1e-6)
+    assert out["deletion_auc"] == pytest.approx(trapezoid(x, deletion), abs=1e-6)
+    assert out["insertion_auc"] == pytest.approx(trapezoid(x, insertion), abs=1e-6)
     assert 0.2 not in x  # the first-20 % value needs the interpolation
-    assert out["deletion_auc_first20"].item() == pytest.approx(first20(x, deletion), abs=1e-6)
-    assert out["insertion_auc_first20"].item() == pytest.approx(first20(x, insertion), abs=1e-6)
+    assert out["deletion_auc_first20"] == pytest.approx(first20(x, deletion), abs=1e-6)
+    assert out["insertion_auc_first20"] == pytest.approx(first20(x, insertion), abs=1e-6)
     # AUC of the mean curve = mean of the per-image AUCs
     mean_auc = sum(trapezoid(x, curve[0]) for curve in per_image) / 3
-    assert out["deletion_auc"].item() == pytest.approx(mean_auc, abs=1e-6)
+    assert out["deletion_auc"] == pytest.approx(mean_auc, abs=1e-6)
 
 
 def test_auc_equals_rise_normalised_auc_when_step_divides_the_image():
     generator = torch.Generator().manual_seed(3)
     images, maps = torch.rand(2, 3, 8, 8, generator=generator), torch.rand(2, 8, 8, generator=generator)
     metric = DeletionInsertion(step=16)
-    metric.update(tiny_cnn(), images, maps, torch.tensor([0, 3]))
-    curves, out = metric.curves(), metric.compute()
+    metric.update(ScoredBatch(tiny_cnn(), images, maps, torch.tensor([0, 3])))
+    curves, out = points(metric), metric.compute()
     assert len(curves["deletion"]) == 5
 
     def rise_auc(arr: list[float]) -> float:  # eclique/RISE evaluation.py: auc()
         return (sum(arr) - arr[0] / 2 - arr[-1] / 2) / (len(arr) - 1)
 
-    assert out["deletion_auc"].item() == pytest.approx(rise_auc(curves["deletion"]), abs=1e-9)
-    assert out["insertion_auc"].item() == pytest.approx(rise_auc(curves["insertion"]), abs=1e-9)
+    assert out["deletion_auc"] == pytest.approx(rise_auc(curves["deletion"]), abs=1e-9)
+    assert out["insertion_auc"] == pytest.approx(rise_auc(curves["insertion"]), abs=1e-9)
     # 0.2 is not on the grid 0, .25, ...: interpolated between the first two points
     y0, y1 = curves["deletion"][:2]
-    assert out["deletion_auc_first20"].item() == pytest.approx((y0 + y0 + 0.8 * (y1 - y0)) / 2, abs=1e-9)
+    assert out["deletion_auc_first20"] == pytest.approx((y0 + y0 + 0.8 * (y1 - y0)) / 2, abs=1e-9)
 
 
 def test_steps_sets_the_step_from_the_image_size():
     assert resolve_step(64, None, 4) == 16
     assert resolve_step(100, None, 30) == 4  # ceil(100 / 30): 25 steps, not 30
     metric = DeletionInsertion(step=None, steps=4)
-    metric.update(tiny_cnn(), torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8), torch.tensor([2]))
-    assert metric.curves()["fraction"] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    metric.update(ScoredBatch(tiny_cnn(), torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8), torch.tensor([2])))
+    assert points(metric)["fraction"] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
 
 
 def test_perfect_map_beats_reversed_map():
@@ -178,7 +185,7 @@ def test_perfect_map_beats_reversed_map():
     results = {}
     for name, maps in (("perfect", perfect), ("reversed", -perfect)):
         metric = DeletionInsertion(step=4)
-        metric.update(model, images, maps, torch.ones(4, dtype=torch.long))
+        metric.update(ScoredBatch(model, images, maps, torch.ones(4, dtype=torch.long)))
         results[name] = metric.compute()
     assert results["perfect"]["deletion_auc"] < results["reversed"]["deletion_auc"] - 0.1
     assert results["perfect"]["insertion_auc"] > results["reversed"]["insertion_auc"] + 0.1
@@ -194,32 +201,40 @@ def test_batch_size_and_chunking_do_not_change_the_result():
     targets = torch.randint(0, 5, (7,), generator=generator)
     one_by_one, together = DeletionInsertion(step=10, chunk_size=5), DeletionInsertion(step=10, chunk_size=5)
     for i in range(7):
-        one_by_one.update(model, images[i : i + 1], maps[i : i + 1], targets[i : i + 1])
-    together.update(model, images, maps, targets)
+        one_by_one.update(ScoredBatch(model, images[i : i + 1], maps[i : i + 1], targets[i : i + 1]))
+    together.update(ScoredBatch(model, images, maps, targets))
     first, second = one_by_one.compute(), together.compute()
     for key in KEYS:
         torch.testing.assert_close(first[key], second[key], atol=1e-6, rtol=0)
     torch.testing.assert_close(
-        torch.tensor(one_by_one.curves()["deletion"]), torch.tensor(together.curves()["deletion"]), atol=1e-6, rtol=0
+        torch.tensor(points(one_by_one)["deletion"]), torch.tensor(points(together)["deletion"]), atol=1e-6, rtol=0
     )
 
 
-def test_clean_probs_reuse_is_identical_and_saves_two_passes():
+def test_the_clean_pass_of_the_batch_is_reused_and_changes_nothing():
     model = Recorder(RegionModel(region_weights()))
     generator = torch.Generator().manual_seed(9)
     images, maps = torch.rand(3, 3, 8, 8, generator=generator), torch.rand(3, 8, 8, generator=generator)
     targets = torch.tensor([1, 0, 1])
-    plain, reused = DeletionInsertion(step=16, chunk_size=6), DeletionInsertion(step=16, chunk_size=6)
-    plain.update(model, images, maps, targets)
-    assert len(model.seen) == 3 * 2 * 5
-    clean = probabilities(model, images, targets)
+    deletion, insertion = deletion_insertion_curves(model, images, maps, targets, step=16, chunk_size=6)
+    assert len(model.seen) == 3 * 2 * 5  # without the clean probabilities: every point is a forward pass
+    with torch.no_grad():
+        logits = model.model(images)
     model.seen.clear()
-    reused.update(model, images, maps, targets, clean_probs=clean)
-    assert len(model.seen) == 3 * 2 * 4
-    first, second = plain.compute(), reused.compute()
-    for key in KEYS:
-        assert torch.equal(first[key], second[key]), key
-    assert plain.curves() == reused.curves()
+    metric = DeletionInsertion(step=16, chunk_size=6)
+    metric.update(ScoredBatch(model, images, maps, targets, clean_logits=logits))
+    assert len(model.seen) == 3 * 2 * 4  # deletion's first and insertion's last point are the clean images
+    curves = points(metric)
+    assert curves["deletion"] == pytest.approx(deletion.mean(0).tolist(), abs=1e-7)
+    assert curves["insertion"] == pytest.approx(insertion.mean(0).tolist(), abs=1e-7)
+    per_image = metric.per_image()
+    x = fractions(64, 16)
+    for i in range(3):  # each image's AUC is the AUC of its own curve
+        assert per_image["deletion_auc"][i].item() == pytest.approx(curve_auc(x, deletion[i]).item(), abs=1e-7)
+        assert per_image["insertion_auc_first20"][i].item() == pytest.approx(
+            curve_auc(x, insertion[i], 0.2).item(), abs=1e-7
+        )
+    assert per_image["deletion_auc"].mean().item() == pytest.approx(metric.compute()["deletion_auc"], abs=1e-9)
 
 
 def test_substrates_are_the_blurred_image_and_black():
@@ -250,11 +265,11 @@ def test_blur_ignores_autocast_and_forward_passes_follow_it():
     images, maps = torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8)
     metric = DeletionInsertion(step=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        metric.update(model, images, maps, torch.tensor([0]))
+        metric.update(ScoredBatch(model, images, maps, torch.tensor([0])))
     blur = gaussian_blur(images, [11, 11], [5.0, 5.0])[0]
     assert any(torch.equal(image, blur) for image in model.seen)
     out = metric.compute()
-    assert all(out[key].dtype == torch.float64 and torch.isfinite(out[key]) for key in KEYS)
+    assert all(isinstance(out[key], float) and math.isfinite(out[key]) for key in KEYS)
 
 
 def test_pixel_ranks_is_a_stable_descending_sort():
@@ -280,10 +295,10 @@ def test_forward_accumulates_like_update():
     images, maps = torch.rand(4, 3, 8, 8, generator=generator), torch.rand(4, 8, 8, generator=generator)
     targets = torch.tensor([0, 1, 2, 3])
     by_forward, by_update, half = (DeletionInsertion(step=16) for _ in range(3))
-    batch_value = by_forward(model, images[:2], maps[:2], targets[:2])
-    by_forward(model, images[2:], maps[2:], targets[2:])
-    by_update.update(model, images, maps, targets)
-    half.update(model, images[:2], maps[:2], targets[:2])
+    batch_value = by_forward(ScoredBatch(model, images[:2], maps[:2], targets[:2]))
+    by_forward(ScoredBatch(model, images[2:], maps[2:], targets[2:]))
+    by_update.update(ScoredBatch(model, images, maps, targets))
+    half.update(ScoredBatch(model, images[:2], maps[:2], targets[:2]))
     for key in KEYS:
         torch.testing.assert_close(batch_value[key], half.compute()[key])
         torch.testing.assert_close(by_forward.compute()[key], by_update.compute()[key])
@@ -292,23 +307,24 @@ def test_forward_accumulates_like_update():
 def test_image_size_is_fixed_until_reset():
     model = tiny_cnn()
     metric = DeletionInsertion(step=16)
-    metric.update(model, torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8), torch.tensor([0]))
+    metric.update(ScoredBatch(model, torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8), torch.tensor([0])))
     with pytest.raises(ValueError, match=r"10x10.*8x8"):
-        metric.update(model, torch.rand(1, 3, 10, 10), torch.rand(1, 10, 10), torch.tensor([0]))
+        metric.update(ScoredBatch(model, torch.rand(1, 3, 10, 10), torch.rand(1, 10, 10), torch.tensor([0])))
     metric.reset()
-    metric.update(model, torch.rand(1, 3, 10, 10), torch.rand(1, 10, 10), torch.tensor([0]))
-    assert len(metric.curves()["fraction"]) == 8  # ceil(100 / 16) + 1
+    metric.update(ScoredBatch(model, torch.rand(1, 3, 10, 10), torch.rand(1, 10, 10), torch.tensor([0])))
+    assert len(points(metric)["fraction"]) == 8  # ceil(100 / 16) + 1
 
 
 def test_invalid_arguments_name_the_values():
-    with pytest.raises(ValueError, match=r"step=1792, steps=10"):
-        DeletionInsertion(steps=10)
+    assert DeletionInsertion(steps=10).step is None  # a number of steps replaces the default step
+    with pytest.raises(ValueError, match=r"steps=0"):
+        DeletionInsertion(steps=0)
     with pytest.raises(ValueError, match=r"step=None, steps=None"):
         DeletionInsertion(step=None)
     with pytest.raises(ValueError, match=r"step=0"):
         DeletionInsertion(step=0)
     metric = DeletionInsertion(step=16)
     with pytest.raises(ValueError, match=r"\(1, 8, 8\).*\(1, 4, 4\)"):
-        metric.update(tiny_cnn(), torch.rand(1, 3, 8, 8), torch.rand(1, 4, 4), torch.tensor([0]))
+        metric.update(ScoredBatch(tiny_cnn(), torch.rand(1, 3, 8, 8), torch.rand(1, 4, 4), torch.tensor([0])))
     with pytest.raises(RuntimeError, match="no images"):
-        metric.curves()
+        points(metric)

@@ -5,7 +5,14 @@ import torch
 from PIL import Image
 
 from tame_lit.data import BoxSource, EvenlySplitSampler, ImageDataset, collate, eval_transform
+from tame_lit.metrics import ScoredBatch
 from tame_lit.metrics.pointing import PointingGame, box_mask
+
+
+def pointed(maps: torch.Tensor, targets: torch.Tensor, boxes: list[torch.Tensor] | None) -> ScoredBatch:
+    """A scored batch for the pointing game: only the maps, targets and boxes matter (no model call)."""
+    images = torch.zeros(maps.shape[0], 3, *maps.shape[-2:])
+    return ScoredBatch(lambda x: torch.zeros(x.shape[0], 10), images, maps, targets, boxes=boxes)
 
 
 def peak_map(y: int, x: int, size: int = 20) -> torch.Tensor:
@@ -21,12 +28,21 @@ def test_pointing_game_by_hand():
     other_class = torch.tensor([[4.0, 2, 2, 8, 8]])
     targets = torch.tensor([3, 3, 3, 3])
     # inside: hit; 12.5 - 8 = 4.5 px away: miss; 9.5 - 8 = 1.5 px: hit within 2 px; no box of class 3: not counted
-    metric.update(maps, targets, [box, box, box, other_class])
+    metric.update(pointed(maps, targets, [box, box, box, other_class]))
     values = metric.compute()
     assert values["pointing_images"] == 3
-    assert values["pointing_game"].item() == pytest.approx(2 / 3)
+    assert values["pointing_game"] == pytest.approx(2 / 3)
     # all the map's mass sits on one pixel: inside the box (1), outside (0), outside (0)
-    assert values["energy_pointing_game"].item() == pytest.approx(1 / 3)
+    assert values["energy_pointing_game"] == pytest.approx(1 / 3)
+    per_image = metric.per_image()  # the counted images only
+    assert per_image["index"].tolist() == [0, 1, 2] and per_image["pointing_game"].tolist() == [1.0, 0.0, 1.0]
+    assert per_image["energy_pointing_game"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_pointing_without_boxes_counts_nothing_and_shows_no_value():
+    metric = PointingGame()
+    metric.update(pointed(torch.rand(2, 8, 8), torch.tensor([1, 2]), None))
+    assert metric.compute() == {} and metric.per_image()["index"].numel() == 0
 
 
 def test_energy_pointing_game_is_the_share_of_mass_in_the_union_of_boxes():
@@ -36,16 +52,16 @@ def test_energy_pointing_game_is_the_share_of_mass_in_the_union_of_boxes():
     image_map[1, 8] = 4.0  # outside both
     boxes = torch.tensor([[7.0, 0, 0, 3, 3], [7.0, 7, 7, 10, 10], [2.0, 7, 0, 10, 3]])  # last: another class
     metric = PointingGame(tolerance=0)
-    metric.update(image_map[None], torch.tensor([7]), [boxes])
+    metric.update(pointed(image_map[None], torch.tensor([7]), [boxes]))
     values = metric.compute()
-    assert values["energy_pointing_game"].item() == pytest.approx(4 / 8)
-    assert values["pointing_game"].item() == 0.0  # the peak (1, 8) is in the other class's box only
+    assert values["energy_pointing_game"] == pytest.approx(4 / 8)
+    assert values["pointing_game"] == 0.0  # the peak (1, 8) is in the other class's box only
     assert box_mask(boxes[:2, 1:], 10, 10).sum() == 9 + 9
 
 
 def test_pointing_rejects_mismatched_inputs():
-    with pytest.raises(ValueError, match="box tensors"):
-        PointingGame().update(torch.zeros(2, 4, 4), torch.zeros(2, dtype=torch.long), [torch.zeros(0, 5)])
+    with pytest.raises(ValueError, match=r"one tensor per image \(2\), got 1"):
+        PointingGame().update(pointed(torch.zeros(2, 4, 4), torch.zeros(2, dtype=torch.long), [torch.zeros(0, 5)]))
     with pytest.raises(ValueError, match="tolerance"):
         PointingGame(tolerance=-1)
 

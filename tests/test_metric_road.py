@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tame_lit.metrics.road import RoadScore, linear_impute, noise_seed, noisy_linear_impute
+from tame_lit.metrics import ScoredBatch
+from tame_lit.metrics.imputation import linear_impute, noisy_linear_impute
+from tame_lit.metrics.road import RoadScore, noise_seed
 
 WEIGHTS = {(dy, dx): (1 / 6 if abs(dy) + abs(dx) == 1 else 1 / 12) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
 del WEIGHTS[(0, 0)]
@@ -179,11 +181,13 @@ def region_model(images: Tensor) -> Tensor:
 
 
 def road_values(order: str, images: Tensor, maps: Tensor, model=region_model, **options) -> dict[str, float]:
-    metric = RoadScore(order=order, **options)
+    """One order's results, under the short keys ``accuracy``, ``probability``, ``accuracy@10``, ..."""
+    metric = RoadScore(orders=[order], **options)
     with torch.no_grad():
         predictions = model(images).argmax(dim=1)
-    metric.update(model, images, maps, predictions, predictions, torch.arange(images.shape[0]))
-    return {key: value.item() for key, value in metric.compute().items()}
+    metric.update(ScoredBatch(model, images, maps, predictions))
+    prefix = f"road_{order}"
+    return {key.replace(f"{prefix}_", "").replace(prefix, "accuracy"): value for key, value in metric.compute().items()}
 
 
 def test_a_faithful_map_scores_better_than_its_opposite():
@@ -219,12 +223,15 @@ def test_pixels_never_removed_give_the_clean_answer_exactly():
     with torch.no_grad():
         predictions = corner_model(images).argmax(dim=1)
         clean = corner_model(images).softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
-    metric = RoadScore(order="morf")
-    metric.update(corner_model, images, maps, targets, predictions, torch.arange(4))
+    metric = RoadScore(orders=["morf"])
+    metric.update(ScoredBatch(corner_model, images, maps, targets))
+    assert metric.update_count == 1 and torch.equal(
+        ScoredBatch(corner_model, images, maps, targets).predictions, predictions
+    )
     values = metric.compute()
     for percent in range(10, 100, 10):
-        assert values[f"accuracy@{percent}"].item() == 1.0
-        assert values[f"probability@{percent}"].item() == pytest.approx(clean.double().mean().item(), abs=1e-12)
+        assert values[f"road_morf@{percent}"] == 1.0
+        assert values[f"road_morf_probability@{percent}"] == pytest.approx(clean.double().mean().item(), abs=1e-12)
 
 
 @pytest.mark.parametrize("order", ["morf", "lerf"])
@@ -239,10 +246,8 @@ def test_each_level_removes_exactly_round_p_hw_pixels_in_map_order(order):
         return torch.zeros(x.shape[0], 2)
 
     levels = (0.15, 0.5, 0.85)
-    metric = RoadScore(levels=levels, order=order, noise=0.05)
-    metric.update(
-        spy, images, maps, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.arange(2)
-    )
+    metric = RoadScore(levels=levels, orders=[order], noise=0.05)
+    metric.update(ScoredBatch(spy, images, maps, torch.zeros(2, dtype=torch.long), clean_logits=torch.zeros(2, 2)))
     assert len(seen) == len(levels)
     for level, imputed in zip(levels, seen, strict=True):
         changed = (imputed != images).any(dim=1)
@@ -266,7 +271,8 @@ def test_noise_is_keyed_by_dataset_index_seed_and_level():
 
     labels = torch.zeros(3, dtype=torch.long)
     for seed in (0, 0, 1):
-        RoadScore(levels=(0.3, 0.6), seed=seed).update(spy, images, maps, labels, labels, torch.tensor([5, 6, 5]))
+        batch = ScoredBatch(spy, images, maps, labels, torch.tensor([5, 6, 5]), clean_logits=torch.zeros(3, 2))
+        RoadScore(levels=(0.3, 0.6), orders=["morf"], seed=seed).update(batch)
     at_30, at_60, again_at_30, _, other_seed_at_30, _ = seen
     assert torch.equal(at_30[0], at_30[2]) and not torch.equal(at_30[0], at_30[1])  # same image, index 5 vs 6
     assert torch.equal(at_30, again_at_30) and not torch.equal(at_30, other_seed_at_30)
@@ -295,45 +301,62 @@ def test_results_do_not_depend_on_batching_or_order():
         predictions = model(images).argmax(dim=1)
     indices = torch.arange(100, 107)
     levels = (0.1, 0.5, 0.9)
+
+    def part_of(rows) -> ScoredBatch:
+        return ScoredBatch(model, images[rows], maps[rows], targets[rows], indices[rows])
+
     whole = RoadScore(levels=levels)
-    whole.update(model, images, maps, targets, predictions, indices)
+    whole.update(part_of(slice(None)))
     single = RoadScore(levels=levels)
     for i in range(7):
-        single.update(
-            model, images[i : i + 1], maps[i : i + 1], targets[i : i + 1], predictions[i : i + 1], indices[i : i + 1]
-        )
+        single.update(part_of(slice(i, i + 1)))
     shuffled, permutation = RoadScore(levels=levels, chunk_size=3), torch.tensor([4, 0, 6, 2, 5, 1, 3])
     for part in (permutation[:3], permutation[3:]):
-        shuffled.update(model, images[part], maps[part], targets[part], predictions[part], indices[part])
+        shuffled.update(part_of(part))
     first, second = RoadScore(levels=levels), RoadScore(levels=levels)  # as two DDP processes
-    first.update(model, images[:3], maps[:3], targets[:3], predictions[:3], indices[:3])
-    second.update(model, images[3:], maps[3:], targets[3:], predictions[3:], indices[3:])
+    first.update(part_of(slice(0, 3)))
+    second.update(part_of(slice(3, 7)))
     first.merge_state(second)
+    assert torch.equal(part_of(slice(None)).predictions, predictions)
     expected = whole.compute()
-    assert 0.0 < expected["probability"].item() < 1.0
+    assert 0.0 < expected["road_morf_probability"] < 1.0
     for other in (single, shuffled, first):
         result = other.compute()
         assert result.keys() == expected.keys()
         for key, value in expected.items():
-            torch.testing.assert_close(result[key], value, atol=1e-6, rtol=0)
+            assert result[key] == pytest.approx(value, abs=1e-6), key
+    # per-image values follow the dataset index, whatever the batching
+    ordered = {}
+    for other in (whole, single, shuffled, first):
+        per_image = other.per_image()
+        order = per_image["index"].argsort()
+        assert per_image["index"][order].tolist() == list(range(100, 107))
+        ordered[id(other)] = per_image["road_lerf_probability"][order]
+    values = list(ordered.values())
+    for other_values in values[1:]:
+        torch.testing.assert_close(other_values, values[0], atol=1e-6, rtol=0)
+    assert values[0].mean().item() == pytest.approx(expected["road_lerf_probability"], abs=1e-9)
 
 
 def test_compute_keys_and_curve():
     model = tiny_classifier().eval()
     images, maps = torch.rand(3, 3, 16, 16), torch.rand(3, 16, 16)
-    metric = RoadScore(levels=(0.1, 0.25, 0.9), order="lerf")
+    metric = RoadScore(levels=(0.1, 0.25, 0.9), orders=["lerf"])
     targets = torch.tensor([0, 1, 2])
-    metric.update(model, images, maps, targets, targets, torch.arange(3))
+    metric.update(ScoredBatch(model, images, maps, targets))
     values = metric.compute()
-    assert set(values) == {"accuracy", "probability"} | {
-        f"{m}@{p}" for m in ("accuracy", "probability") for p in (10, 25, 90)
+    assert set(values) == {"road_lerf", "road_lerf_probability"} | {
+        f"road_lerf{m}@{p}" for m in ("", "_probability") for p in (10, 25, 90)
     }
-    curve = metric.curve()
-    assert curve["removed"] == [0.1, 0.25, 0.9]
-    assert curve["accuracy"] == [values[f"accuracy@{p}"].item() for p in (10, 25, 90)]
-    assert values["accuracy"].item() == pytest.approx(sum(curve["accuracy"]) / 3)
-    assert values["probability"].item() == pytest.approx(sum(curve["probability"]) / 3)
-    assert all(0.0 <= a <= 1.0 for a in curve["accuracy"])
+    assert set(values) == {column.key for column in metric.columns()}
+    assert [c.key for c in metric.columns() if c.table] == ["road_lerf"]
+    curve = metric.curves()["road_lerf"]
+    assert curve.x == pytest.approx([10, 25, 90]) and curve.figure == "road" and curve.label == "LeRF"
+    assert curve.y == [values[f"road_lerf@{p}"] for p in (10, 25, 90)]
+    assert values["road_lerf"] == pytest.approx(sum(curve.y) / 3)
+    probabilities = [values[f"road_lerf_probability@{p}"] for p in (10, 25, 90)]
+    assert values["road_lerf_probability"] == pytest.approx(sum(probabilities) / 3)
+    assert all(0.0 <= a <= 1.0 for a in curve.y)
 
 
 @pytest.mark.parametrize(
@@ -343,7 +366,8 @@ def test_compute_keys_and_curve():
         ({"levels": (0.5, 1.5)}, r"\[1\.5\]"),
         ({"levels": ()}, "empty"),
         ({"levels": (0.101, 0.099)}, "distinct"),
-        ({"order": "mrf"}, "'mrf'"),
+        ({"orders": ["mrf"]}, "'mrf'"),
+        ({"orders": ["morf", "morf"]}, "distinct"),
         ({"noise": -0.1}, "-0.1"),
         ({"chunk_size": 0}, "got 0"),
     ],
@@ -357,9 +381,9 @@ def test_bad_inputs_are_named():
     metric, model = RoadScore(), tiny_classifier().eval()
     images, labels = torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match=r"maps must be .* got \(2, 8, 8\)"):
-        metric.update(model, images, torch.rand(2, 8, 8), labels, labels, torch.arange(2))
+        metric.update(ScoredBatch(model, images, torch.rand(2, 8, 8), labels))
     with pytest.raises(ValueError, match=r"indices must be \[B\] = \[2\], got \(3,\)"):
-        metric.update(model, images, torch.rand(2, 16, 16), labels, labels, torch.arange(3))
+        metric.update(ScoredBatch(model, images, torch.rand(2, 16, 16), labels, torch.arange(3)))
     with pytest.raises(ValueError, match="noise must be >= 0, got -1"):
         noisy_linear_impute(images, torch.rand(2, 16, 16) < 0.5, noise=-1)
     with pytest.raises(ValueError, match="3 generators for 2 images"):
@@ -367,4 +391,4 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="bool"):
         linear_impute(images, torch.rand(2, 16, 16))
     with pytest.raises(ValueError, match=r"level 0\.999 would remove all 256 pixels"):
-        RoadScore(levels=(0.5, 0.999)).update(model, images, torch.rand(2, 16, 16), labels, labels, torch.arange(2))
+        RoadScore(levels=(0.5, 0.999)).update(ScoredBatch(model, images, torch.rand(2, 16, 16), labels))

@@ -96,7 +96,10 @@ def test_a_classifier_start_needs_pooling_and_one_linear_layer():
     vgg = backbones.create("vgg16", weights=None, input_size=64)
     with pytest.raises(ValueError, match=r"vgg16 .*features\.29.*three FC layers"):
         heads.create("sacam", vgg, init_from_classifier=True)
-    assert heads.create("sacam", vgg).layers == ("features.16", "features.23", "features.29")  # no start: fine
+    with pytest.raises(ValueError, match=r"three FC layers"):  # the default starts from CAM
+        heads.create("sacam", vgg)
+    no_start = heads.create("sacam", vgg, init_from_classifier=False)
+    assert no_start.layers == ("features.16", "features.23", "features.29")
     resnet = backbones.create("test_resnet", weights=None, num_classes=10, input_size=64)
     with pytest.raises(ValueError, match=r"layer 'layer3'.*try layer 'layer4'"):
         heads.create("sacam", resnet, layers=["layer2", "layer3"], init_from_classifier=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tame_lit.data import EmbeddedDataModule, ImageDataModule
+from tame_lit.explainers import HeadExplainer
 from tame_lit.features import count_hooks
 from tame_lit.train import train
 from tame_lit.training import HeadTrainingModule, IncompatibleCheckpointError
@@ -58,23 +59,26 @@ def test_vgg16_checkpoint_holds_the_head_not_the_500mb_backbone(tmp_path):
 
 def test_no_hook_is_left_after_a_hundred_calls(tiny_backbone):
     module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"})
+    explainer = HeadExplainer(module.backbone, module.head)
     images = torch.rand(2, 3, 64, 64)
     for index in range(100):
         if index % 2:
-            module.explainer(images)
+            explainer(images)
         else:
             _, features = module.backbone.features(images, module.head.layers)
             terms, _ = module.masking_pass(images, features, torch.tensor([1, 2]))
             terms["loss"].backward()
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        module.explainer(images, torch.tensor([3, 10]))
+        explainer(images, torch.tensor([3, 10]))
     assert count_hooks(module) == 0
 
 
 def test_head_explainer_gives_normalised_maps_and_leaves_the_model_as_it_was():
     module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}).train()
+    explainer = HeadExplainer(module.backbone, module.head)
     images = torch.rand(3, 3, 64, 64)
-    maps = module.explainer(images)
+    maps = explainer(images)
+    torch.testing.assert_close(module.explain(images), maps)  # what predict_step and the heatmap grid show
     assert maps.shape == (3, 64, 64) and maps.dtype == torch.float32
     assert maps.min() >= 0 and maps.max() <= 1
     # tame.md §1.4: the pre-sigmoid map of the top-1 class, min-max at the head's size, then bilinear
@@ -88,7 +92,7 @@ def test_head_explainer_gives_normalised_maps_and_leaves_the_model_as_it_was():
     torch.testing.assert_close(maps, expected[:, 0])
     assert module.head.training and module.training  # modes restored
     with pytest.raises(ValueError, match="3 class indices"):
-        module.explainer(torch.rand(3, 3, 64, 64), torch.tensor([1, 2]))
+        explainer(torch.rand(3, 3, 64, 64), torch.tensor([1, 2]))
 
 
 def test_ground_truth_labels_need_labelled_images():
@@ -205,6 +209,6 @@ def test_a_checkpoint_loads_as_an_explainer(tmp_path):
     assert isinstance(explainer, HeadExplainer)
     images = torch.rand(3, 3, 64, 64)
     targets = torch.tensor([0, 4, 9])
-    torch.testing.assert_close(explainer(images, targets), module.explainer(images, targets))
+    torch.testing.assert_close(explainer(images, targets), module.explain(images, targets))
     with pytest.raises(FileNotFoundError, match=r"nothing\.ckpt"):
         tame_lit.load_explainer(tmp_path / "nothing.ckpt")

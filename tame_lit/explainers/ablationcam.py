@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import LayerExplainer, chunks, to_maps
+from tame_lit.explainers.base import EXPLAINERS, LayerExplainer, chunks, to_maps
 from tame_lit.features import model_tail
 
 __all__ = ["AblationCAM"]
@@ -19,6 +19,7 @@ __all__ = ["AblationCAM"]
 _TINY_LOGIT = 1e-6
 
 
+@EXPLAINERS.register("ablationcam")
 class AblationCAM(LayerExplainer):
     """w_k = (y^c - y^c_k) / y^c with y^c_k the logit when channel k is zeroed;  L = ReLU(sum_k w_k A^k).
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import GradientCAM
+from tame_lit.explainers.base import EXPLAINERS, GradientCAM
 
 __all__ = ["AttentionGradCAM", "float32_attention"]
 
@@ -27,6 +27,7 @@ def float32_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | 
         return F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=scale)
 
 
+@EXPLAINERS.register("attention_gradcam")
 class AttentionGradCAM(GradientCAM):
     """alpha_k = mean_ij dy^c/dA^k_ij; A_hat^k = alpha_k A^k; tokens X = A_hat as [N = h*w, K];
     Z = softmax(X~ X~^T / sqrt(K)) X; M = ReLU(sum_k Z_k) as h x w.

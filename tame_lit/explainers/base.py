@@ -1,5 +1,6 @@
-"""The one call every explainer answers, ``explainer(images, targets=None) -> maps``, and the shared
-machinery of the layer-based methods (activation capture, gradients to a layer, map post-processing)."""
+"""The contract every explainer honours, whatever runs it (a method on a backbone, a trained head, an exported
+program or ONNX graph), and the shared machinery of the layer-based methods (activation capture, gradients
+to a layer, map post-processing)."""
 
 from __future__ import annotations
 
@@ -13,48 +14,67 @@ from torch import Tensor
 from tame_lit.backbones import Backbone
 from tame_lit.features import check_layers, preserved_state
 from tame_lit.maps import normalize, upsample
+from tame_lit.registry import Registry
 
-__all__ = ["BASELINES", "Explainer", "GradientCAM", "LayerExplainer", "chunks", "perturbed_logits", "to_maps"]
+__all__ = [
+    "BASELINES",
+    "EXPLAINERS",
+    "BackboneExplainer",
+    "Explainer",
+    "GradientCAM",
+    "LayerExplainer",
+    "chunks",
+    "create",
+    "perturbed_logits",
+    "to_maps",
+]
 
 
 class Explainer:
-    """Base of trained heads and classic CAM methods alike.
+    """What every explainer is: ``explainer(images, targets=None) -> maps``, and the model's own answer.
 
     ``images``: float ``[B, 3, H, W]`` in [0, 1] on any device; ``targets``: ``LongTensor[B]`` of class
-    indices, or ``None`` for each image's top-1 class. Returns float32 ``[B, H, W]`` maps in [0, 1] on the
-    images' device. Subclasses implement ``explain(images, targets)``; this class checks the inputs, runs
-    it with the backbone in eval mode and its state (modes, ``requires_grad``) restored afterwards, enables
-    gradients for methods that need them (also inside ``inference_mode``/``no_grad``), and checks the
-    result. Maps are computed in float32, also under autocast.
+    indices, or ``None`` for each image's top-1 class. ``__call__`` returns float32 ``[B, H, W]`` maps in
+    [0, 1] on the images' device: it checks the inputs (``check_images``, ``check_targets``), runs the
+    kind's hook ``compute_maps(images, targets)`` and checks the result's shape. ``predict(images)`` gives
+    the explained model's logits ``[B, num_classes]`` (for probabilities, top-k, titles). A kind gives
+    ``num_classes``, ``backbone_name``, ``input_size``, ``predict`` and ``compute_maps``; ``to(device)``
+    moves what it runs on (kinds that move their inputs instead keep the default).
     """
-
-    needs_gradients: ClassVar[bool] = False
-
-    def __init__(self, backbone: Backbone) -> None:
-        self.backbone = backbone
 
     @property
     def num_classes(self) -> int:
-        return self.backbone.num_classes
+        raise NotImplementedError
+
+    @property
+    def backbone_name(self) -> str | None:
+        """The name of the explained classifier (``None`` when a file does not say)."""
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The image size ``(H, W)`` the explained classifier was made for."""
+        raise NotImplementedError
+
+    def predict(self, images: Tensor) -> Tensor:
+        """The explained model's logits ``[B, num_classes]`` (float32) for ``images``, without gradients."""
+        raise NotImplementedError
+
+    def compute_maps(self, images: Tensor, targets: Tensor | None) -> Tensor:
+        """The kind's maps ``[B, H, W]`` for checked inputs (``targets`` on the images' device, or ``None``)."""
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device) -> Explainer:
+        return self
 
     def __call__(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
         self.check_images(images)
         if targets is not None:
             targets = self.check_targets(targets, images.shape[0]).to(images.device)
-        with preserved_state(self.backbone), contextlib.ExitStack() as stack:
-            # explain the model as it predicts: eval mode (batch-norm statistics of a batch of masked
-            # images would make a map depend on the others); the caller's modes come back on exit
-            self.backbone.eval()
-            if self.needs_gradients:
-                stack.enter_context(torch.inference_mode(False))
-                stack.enter_context(torch.enable_grad())
-                images = images.clone()  # an inference tensor becomes a normal one
-            else:
-                stack.enter_context(torch.no_grad())
-            maps = self.explain(images, targets)
+        maps = self.compute_maps(images, targets)
         if maps.shape != (images.shape[0], *images.shape[-2:]):
             raise RuntimeError(f"{type(self).__name__} returned {tuple(maps.shape)} for images {tuple(images.shape)}")
-        return maps.detach().float()
+        return maps.detach().float().to(images.device)
 
     @staticmethod
     def check_images(images: Tensor) -> None:
@@ -73,11 +93,61 @@ class Explainer:
             raise ValueError(f"targets must be in [0, {self.num_classes}), got {bad.tolist()}")
         return targets.long()
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backbone={self.backbone_name!r})"
+
+
+class BackboneExplainer(Explainer):
+    """An explainer computed on a tame-lit ``Backbone`` in this process: CAM methods and trained heads.
+
+    Subclasses implement ``explain(images, targets)``; ``compute_maps`` runs it with the backbone in eval
+    mode and its state (modes, ``requires_grad``) restored afterwards, and enables gradients for methods
+    that need them (also inside ``inference_mode``/``no_grad``). Maps are computed in float32, also under
+    autocast.
+    """
+
+    needs_gradients: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    @property
+    def backbone_name(self) -> str:
+        return self.backbone.name
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.backbone.input_size)
+
+    def to(self, device: str | torch.device) -> BackboneExplainer:
+        self.backbone.to(device)
+        return self
+
+    def predict(self, images: Tensor) -> Tensor:
+        self.check_images(images)
+        with preserved_state(self.backbone), torch.no_grad():
+            self.backbone.eval()
+            return self.backbone(images).float()
+
+    def compute_maps(self, images: Tensor, targets: Tensor | None) -> Tensor:
+        with preserved_state(self.backbone), contextlib.ExitStack() as stack:
+            # explain the model as it predicts: eval mode (batch-norm statistics of a batch of masked
+            # images would make a map depend on the others); the caller's modes come back on exit
+            self.backbone.eval()
+            if self.needs_gradients:
+                stack.enter_context(torch.inference_mode(False))
+                stack.enter_context(torch.enable_grad())
+                images = images.clone()  # an inference tensor becomes a normal one
+            else:
+                stack.enter_context(torch.no_grad())
+            return self.explain(images, targets)
+
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(backbone={self.backbone.name!r})"
 
 
 def to_maps(low_res: Tensor, size: Sequence[int]) -> Tensor:
@@ -109,7 +179,7 @@ def perturbed_logits(backbone: Backbone, images: Tensor, masks: Tensor, baseline
     raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
 
 
-class LayerExplainer(Explainer):
+class LayerExplainer(BackboneExplainer):
     """An explainer that reads one or more named layers (default: the backbone's CAM layer)."""
 
     def __init__(self, backbone: Backbone, layers: Sequence[str] | str | None = None) -> None:
@@ -179,3 +249,15 @@ class GradientCAM(LayerExplainer):
         if len(maps) == 1:
             return maps[0]
         return normalize(torch.stack(maps).mean(dim=0))
+
+
+# name -> method class; each method's file registers itself (``@EXPLAINERS.register("name")``)
+EXPLAINERS: Registry[type[BackboneExplainer]] = Registry("explainer")
+
+
+def create(name: str, backbone: Backbone, layers: Sequence[str] | str | None = None, **options: object) -> Explainer:
+    """Build explainer ``name`` for ``backbone``; ``layers`` defaults to the backbone's CAM layer."""
+    cls = EXPLAINERS.lookup(name)
+    if layers is not None:
+        options["layers"] = layers
+    return cls(backbone, **options)

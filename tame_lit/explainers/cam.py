@@ -8,11 +8,12 @@ import torch
 from torch import Tensor
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import LayerExplainer, to_maps
+from tame_lit.explainers.base import EXPLAINERS, LayerExplainer, to_maps
 
 __all__ = ["CAM"]
 
 
+@EXPLAINERS.register("cam")
 class CAM(LayerExplainer):
     """``L = sum_k w^c_k A^k + b_c``, min-max normalised (no ReLU: CAM as published), then upsampled.
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import Explainer, GradientCAM, LayerExplainer
+from tame_lit.explainers.base import EXPLAINERS, BackboneExplainer, GradientCAM, LayerExplainer, create
 from tame_lit.maps import normalize, upsample
 
 __all__ = ["GradualExtrapolation", "excitation_layers"]
@@ -60,7 +60,8 @@ def _recording(modules: Sequence[nn.Module]) -> Iterator[list[Tensor]]:
             handle.remove()
 
 
-class GradualExtrapolation(Explainer):
+@EXPLAINERS.register("ge")
+class GradualExtrapolation(BackboneExplainer):
     """Gradual Extrapolation of a ``base`` explainer's coarse map (default: Grad-CAM at the CAM layer).
 
     With E = [e_0, e_1, ..., e_L] the outputs of every max-pool and strided conv in execution order
@@ -90,7 +91,7 @@ class GradualExtrapolation(Explainer):
     def __init__(
         self,
         backbone: Backbone,
-        base: str | Explainer = "gradcam",
+        base: str | BackboneExplainer = "gradcam",
         layers: Sequence[str] | str | None = None,
         only_preceding: bool = True,
         relu_excitations: bool = False,
@@ -98,15 +99,13 @@ class GradualExtrapolation(Explainer):
         **base_options: object,
     ) -> None:
         super().__init__(backbone)
-        if isinstance(base, Explainer):
+        if isinstance(base, BackboneExplainer):
             if layers is not None or base_options:
                 raise ValueError("give layers and options to the base explainer itself when passing an instance")
             if base.backbone is not backbone:
                 raise ValueError("the base explainer must explain the same backbone as GradualExtrapolation")
             self.base = base
         else:
-            from tame_lit.explainers import create  # the registry imports this module
-
             self.base = create(str(base), backbone, layers, **base_options)
         self.excitation_names = tuple(excitation_layers(backbone.model))
         if not self.excitation_names:

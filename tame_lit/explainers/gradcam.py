@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from tame_lit.explainers.base import GradientCAM
+from tame_lit.explainers.base import EXPLAINERS, GradientCAM
 
 __all__ = ["GradCAM"]
 
 
+@EXPLAINERS.register("gradcam")
 class GradCAM(GradientCAM):
     """w_k = mean_ij dy^c/dA^k_ij;  L = ReLU(sum_k w_k A^k)."""
 

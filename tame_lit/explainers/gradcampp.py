@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tame_lit.explainers.base import GradientCAM
+from tame_lit.explainers.base import EXPLAINERS, GradientCAM
 
 __all__ = ["GradCAMPlusPlus"]
 
 
+@EXPLAINERS.register("gradcampp")
 class GradCAMPlusPlus(GradientCAM):
     """a^k_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3) (0 where g = 0); w_k = sum_ij a^k_ij ReLU(g^k_ij)."""
 

@@ -6,12 +6,13 @@ import torch
 from torch import Tensor
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import GradientCAM
+from tame_lit.explainers.base import EXPLAINERS, GradientCAM
 from tame_lit.maps import normalize
 
 __all__ = ["LayerCAM"]
 
 
+@EXPLAINERS.register("layercam")
 class LayerCAM(GradientCAM):
     """L = ReLU(sum_k ReLU(dy^c/dA^k) * A^k).
 

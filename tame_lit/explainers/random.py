@@ -8,12 +8,13 @@ import torch
 from torch import Tensor
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import Explainer, to_maps
+from tame_lit.explainers.base import EXPLAINERS, BackboneExplainer, to_maps
 
 __all__ = ["RandomMaps"]
 
 
-class RandomMaps(Explainer):
+@EXPLAINERS.register("random")
+class RandomMaps(BackboneExplainer):
     """Smooth random maps: uniform noise on a ``cells`` x ``cells`` grid, upsampled bilinearly.
 
     Each image's map depends only on ``seed`` and the image's own pixels (a digest of them seeds its

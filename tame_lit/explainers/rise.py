@@ -9,13 +9,14 @@ import torch
 from torch import Tensor
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import BASELINES, Explainer, chunks, perturbed_logits
+from tame_lit.explainers.base import BASELINES, EXPLAINERS, BackboneExplainer, chunks, perturbed_logits
 from tame_lit.maps import normalize
 
 __all__ = ["RISE"]
 
 
-class RISE(Explainer):
+@EXPLAINERS.register("rise")
+class RISE(BackboneExplainer):
     """S = 1/(N p) sum_i p^c(I masked by M_i) M_i over N random masks, min-max normalised per image.
 
     The masks follow the official code (eclique/RISE): N binary ``cell_size`` x ``cell_size`` grids

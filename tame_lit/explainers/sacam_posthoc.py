@@ -11,7 +11,7 @@ from torch import Tensor
 
 from tame_lit.backbones import Backbone
 from tame_lit.explainers.attention_gradcam import float32_attention
-from tame_lit.explainers.base import GradientCAM
+from tame_lit.explainers.base import EXPLAINERS, GradientCAM
 
 __all__ = ["PostHocSACAM", "channel_weight_bases"]
 
@@ -28,19 +28,10 @@ def _uses_channel_weights(cls: object) -> bool:
 
 def channel_weight_bases() -> list[str]:
     """Registered explainers SA-CAM can wrap (gradcam, gradcampp, xgradcam, and any later such method)."""
-    from tame_lit.explainers import available, explainer_class  # the registry imports this module
-
-    valid = []
-    for name in available():
-        try:
-            cls = explainer_class(name)
-        except (ImportError, AttributeError):  # a registered method whose module is not there
-            continue
-        if _uses_channel_weights(cls):
-            valid.append(name)
-    return valid
+    return [name for name in EXPLAINERS.available() if _uses_channel_weights(EXPLAINERS[name])]
 
 
+@EXPLAINERS.register("sacam_posthoc")
 class PostHocSACAM(GradientCAM):
     """L = ReLU(sum_k w_k A'^k) with A' = A + gamma * A_att, w_k the ``base`` method's channel weights
     computed on the original A and gradients (so ``gamma=0`` gives the base's map back exactly).
@@ -62,12 +53,7 @@ class PostHocSACAM(GradientCAM):
         cosine: bool = True,
     ) -> None:
         super().__init__(backbone, layers)
-        from tame_lit.explainers import EXPLAINERS, explainer_class
-
-        try:
-            cls = explainer_class(base) if base in EXPLAINERS else None
-        except ImportError:
-            cls = None
+        cls = EXPLAINERS.get(base)
         if not _uses_channel_weights(cls):
             raise ValueError(
                 f"SA-CAM's base must be a Grad-CAM-family method with channel weights, one of "

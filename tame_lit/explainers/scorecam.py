@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import BASELINES, LayerExplainer, chunks, perturbed_logits, to_maps
+from tame_lit.explainers.base import BASELINES, EXPLAINERS, LayerExplainer, chunks, perturbed_logits, to_maps
 from tame_lit.maps import normalize, upsample
 
 __all__ = ["ScoreCAM"]
 
 
+@EXPLAINERS.register("scorecam")
 class ScoreCAM(LayerExplainer):
     """H_k = norm01(Up(A^k));  s_k = softmax(f(I * H_k))_c;  L = ReLU(sum_k s_k A^k).
 

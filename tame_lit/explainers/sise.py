@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from tame_lit.backbones import Backbone
-from tame_lit.explainers.base import BASELINES, LayerExplainer, chunks, perturbed_logits
+from tame_lit.explainers.base import BASELINES, EXPLAINERS, LayerExplainer, chunks, perturbed_logits
 from tame_lit.features import capture, preserved_state, stage_outputs
 from tame_lit.maps import normalize, upsample
 
@@ -43,6 +43,7 @@ def otsu_threshold(maps: Tensor, bins: int = 256) -> Tensor:
     return torch.where(span.squeeze(1) > 0, threshold, low.squeeze(1))
 
 
+@EXPLAINERS.register("sise")
 class SISE(LayerExplainer):
     """Semantic Input Sampling for Explanation, all four phases, per image.
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tame_lit.explainers.base import GradientCAM
+from tame_lit.explainers.base import EXPLAINERS, GradientCAM
 
 __all__ = ["XGradCAM"]
 
 
+@EXPLAINERS.register("xgradcam")
 class XGradCAM(GradientCAM):
     """w_k = sum_ij (A^k_ij / sum_ab A^k_ab) dy^c/dA^k_ij (a channel that sums to 0 gets weight 0)."""
 

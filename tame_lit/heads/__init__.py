@@ -1,7 +1,8 @@
-"""Trainable explanation heads: one file per head, registered here by name.
+"""Trainable explanation heads: one file per head, each registered by name in ``HEADS``.
 
-A new head is a subclass of ``ExplanationHead`` in its own file, one line in ``HEADS`` and a config in
-``conf/head/``; the training module, evaluation and export need no change.
+A new head is a subclass of ``ExplanationHead`` in its own file, decorated with ``@HEADS.register("name")``,
+one import line here and a config in ``conf/head/``; the training module, evaluation and export need no
+change.
 """
 
 from __future__ import annotations
@@ -9,25 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tame_lit.backbones import Backbone
-from tame_lit.heads.base import ExplanationHead, select_classes
+from tame_lit.heads.base import HEADS, ExplanationHead, head_maps, select_classes
 from tame_lit.heads.sacam import SACAMHead
 from tame_lit.heads.tame import TameHead
 
-__all__ = ["HEADS", "ExplanationHead", "SACAMHead", "TameHead", "available", "create", "select_classes"]
+__all__ = ["HEADS", "ExplanationHead", "SACAMHead", "TameHead", "available", "create", "head_maps", "select_classes"]
 
-HEADS: dict[str, type[ExplanationHead]] = {
-    "tame": TameHead,
-    "sacam": SACAMHead,
-}
-
-
-def available() -> list[str]:
-    return sorted(HEADS)
+available = HEADS.available
 
 
 def create(name: str, backbone: Backbone, layers: Sequence[str] | None = None, **options: object) -> ExplanationHead:
     """Build head ``name`` for ``backbone``, reading ``layers`` (default: the head's choice, usually the
     backbone's default layers)."""
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; available: {available()}")
-    return HEADS[name].from_backbone(backbone, layers, **options)
+    return HEADS.lookup(name).from_backbone(backbone, layers, **options)

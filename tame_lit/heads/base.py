@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tame_lit.maps import normalize, upsample
+from tame_lit.registry import Registry
+
 if TYPE_CHECKING:
     from tame_lit.backbones import Backbone
 
-__all__ = ["ExplanationHead", "class_maps", "common_size", "resize", "select_classes"]
+__all__ = ["HEADS", "ExplanationHead", "class_maps", "common_size", "head_maps", "resize", "select_classes"]
 
 
 class ExplanationHead(nn.Module):
@@ -61,11 +64,23 @@ class ExplanationHead(nn.Module):
         return ordered
 
 
+# name -> head class; each head's file registers itself (``@HEADS.register("name")``)
+HEADS: Registry[type[ExplanationHead]] = Registry("head")
+
+
 def select_classes(maps: Tensor, classes: Tensor | None, labels: Tensor) -> Tensor:
     """Each image's map of its own label, ``[B, h, w]``, from maps of all or of ``classes`` only."""
     if classes is not None:
         labels = torch.searchsorted(classes, labels)
     return maps[torch.arange(maps.shape[0], device=maps.device), labels]
+
+
+def head_maps(head: ExplanationHead, features: Mapping[str, Tensor], targets: Tensor, size: Sequence[int]) -> Tensor:
+    """Each image's explanation for its target: min-max of the head's pre-sigmoid map at the head's resolution,
+    then bilinear upsampling to ``size`` (tame.md §1.4); what explainers, validation and exports compute."""
+    classes = torch.unique(targets)
+    logits = head(features, classes)
+    return upsample(normalize(select_classes(logits, classes, targets)), tuple(size))
 
 
 def class_maps(fuser: nn.Conv2d, inputs: Sequence[Tensor], size: Sequence[int], classes: Tensor | None) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tame_lit.heads.base import ExplanationHead, class_maps, common_size
+from tame_lit.heads.base import HEADS, ExplanationHead, class_maps, common_size
 
 if TYPE_CHECKING:
     from tame_lit.backbones import Backbone
@@ -85,6 +85,7 @@ class SpatialSelfAttention(nn.Module):
         return f"channels={self.channels}, key_channels={self.key_channels}"
 
 
+@HEADS.register("sacam")
 class SACAMHead(ExplanationHead):
     """Attention skip connections on the chosen layers, resize to a common size, concatenation, 1x1 conv.
 
@@ -126,13 +127,13 @@ class SACAMHead(ExplanationHead):
 
     @classmethod
     def from_backbone(
-        cls, backbone: Backbone, layers: Sequence[str] | None = None, init_from_classifier: bool = False,
+        cls, backbone: Backbone, layers: Sequence[str] | None = None, init_from_classifier: bool = True,
         **options: object,
     ) -> SACAMHead:  # fmt: skip
         """Default layers: the backbone's default layers with the last replaced by its CAM layer (the
-        features its classifier pools). ``init_from_classifier``: start the fusion conv from that
+        features its classifier pools). ``init_from_classifier`` (default): start the fusion conv from that
         classifier (zeros for the other layers), so the untrained map is CAM; needs global average pooling
-        and one linear layer after the last layer (ResNet, EfficientNet; not VGG)."""
+        and one linear layer after the last layer (ResNet, EfficientNet; not VGG: there pass False)."""
         if not layers:
             layers = tuple(dict.fromkeys((*backbone.default_layers[:-1], backbone.cam_layer)))
         head = cls(backbone.layer_shapes(layers), backbone.num_classes, **options)

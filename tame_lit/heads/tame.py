@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from tame_lit.heads.base import ExplanationHead, class_maps, common_size
+from tame_lit.heads.base import HEADS, ExplanationHead, class_maps, common_size
 
 __all__ = ["VARIANTS", "FeatureBranch", "TameHead"]
 
@@ -44,6 +44,7 @@ class FeatureBranch(nn.Module):
         return self.activation(x + y if self.skip else y)
 
 
+@HEADS.register("tame")
 class TameHead(ExplanationHead):
     """Per-layer branches, bilinear resize to the first layer's size capped at ``max_size``, concatenation,
     and a 1x1 fusion conv to one map per class. Returns logits; the training mask is their sigmoid.

@@ -1,13 +1,43 @@
-"""What every perturbation metric needs: the model's probability of the explained class on many images."""
+"""The metric interface: every faithfulness metric scores one ``ScoredBatch`` and says how to show itself.
+
+A metric is a torchmetrics ``Metric`` (states reduced exactly across processes) with:
+
+- ``update(batch: ScoredBatch)``: the same call for every metric, whatever it needs of the batch;
+- ``compute() -> {key: float}``: flat named numbers, the keys of its ``columns()``;
+- ``columns()``: what each key means (title, better up or down, digits, counted in the mean rank or not),
+  read by the report, the terminal table, metrics.csv and W&B;
+- ``curves() -> {key: Curve}``: optional mean curves, all in one shape;
+- ``per_image() -> {"index": [N], key: [N], ...}``: each image's value of the per-image keys (``cat``
+  states, so exact under DDP), for confidence intervals and paired comparisons.
+
+Also here: the helpers every perturbation metric needs (the model's probability of the explained class on
+many images, in chunks).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
-__all__ = ["Model", "class_probability", "probabilities"]
+from tame_lit.registry import Registry
+
+__all__ = [
+    "METRICS",
+    "Column",
+    "Curve",
+    "FaithfulnessMetric",
+    "Model",
+    "ScoredBatch",
+    "class_probability",
+    "probabilities",
+]
 
 # images in [0, 1], [N, 3, H, W] -> logits [N, classes] (a tame-lit Backbone is one)
 Model = Callable[[Tensor], Tensor]
@@ -34,3 +64,177 @@ def probabilities(model: Model, images: Tensor, targets: Tensor, chunk_size: int
         for start in range(0, images.shape[0], chunk_size)
     ]
     return torch.cat(parts) if parts else images.new_zeros(0, dtype=torch.float32)
+
+
+@dataclass(eq=False)
+class ScoredBatch:
+    """One batch of explanations, as every metric receives it.
+
+    ``model``: the explained classifier (images in [0, 1] -> logits); ``images`` ``[B, 3, H, W]`` in [0, 1];
+    ``maps`` ``[B, H, W]`` (the explanations, at the images' size); ``targets`` ``[B]`` the explained classes;
+    ``indices`` ``[B]`` each image's dataset index (per-image values and noise seeds follow it; default
+    ``0..B-1``); ``boxes``: per image ``[n, 5]`` rows (class, x0, y0, x1, y1) when the data has boxes;
+    ``clean_logits``: the model's logits on the clean images, when the caller already has them (else one
+    forward pass, shared by every metric of the batch).
+    """
+
+    model: Model
+    images: Tensor
+    maps: Tensor
+    targets: Tensor
+    indices: Tensor | None = None
+    boxes: Sequence[Tensor] | None = None
+    clean_logits: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got {tuple(self.images.shape)}")
+        batch, size = self.images.shape[0], tuple(self.images.shape[-2:])
+        if tuple(self.maps.shape) != (batch, *size):
+            raise ValueError(
+                f"maps must be [B, H, W] = {(batch, *size)} for images {tuple(self.images.shape)} "
+                f"(see tame_lit.maps.upsample), got {tuple(self.maps.shape)}"
+            )
+        if tuple(self.targets.shape) != (batch,):
+            raise ValueError(f"targets must be [B] = [{batch}], got {tuple(self.targets.shape)}")
+        if self.indices is None:
+            self.indices = torch.arange(batch)
+        elif tuple(self.indices.shape) != (batch,):
+            raise ValueError(f"indices must be [B] = [{batch}], got {tuple(self.indices.shape)}")
+        if self.boxes is not None and len(self.boxes) != batch:
+            raise ValueError(f"boxes must hold one tensor per image ({batch}), got {len(self.boxes)}")
+        if self.clean_logits is not None and self.clean_logits.shape[0] != batch:
+            raise ValueError(
+                f"clean_logits must be [B, classes] with B = {batch}, got {tuple(self.clean_logits.shape)}"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[0]
+
+    @cached_property
+    def logits(self) -> Tensor:
+        """The model's logits on the clean images (computed once per batch when not given)."""
+        if self.clean_logits is not None:
+            return self.clean_logits
+        with torch.no_grad():
+            return self.model(self.images)
+
+    @cached_property
+    def clean_probs(self) -> Tensor:
+        """Probability of each target on its clean image, float32 ``[B]``."""
+        return class_probability(self.logits, self.targets.to(self.logits.device))
+
+    @cached_property
+    def predictions(self) -> Tensor:
+        """The model's top-1 class on each clean image ``[B]``."""
+        return self.logits.argmax(dim=1)
+
+
+@dataclass(frozen=True)
+class Column:
+    """How one result key is shown: ``higher_is_better`` None means not a faithfulness score (not ranked,
+    no best value); ``primary`` columns are averaged into the mean rank; ``share``: a proportion of images
+    (a hit rate), whose interval is binomial rather than a bootstrap of a mean; ``table``: shown in the
+    summary tables (report.md, terminal) as well as in metrics.json/csv and W&B."""
+
+    key: str
+    title: str
+    higher_is_better: bool | None
+    digits: int = 3
+    primary: bool = False
+    share: bool = False
+    table: bool = True
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A mean curve, in the one shape the report, curves.json and W&B read: points ``(x, y)``; ``figure``
+    names the plot it is drawn in (several curves can share one, e.g. ROAD's MoRF and LeRF) and ``label``
+    its line there (beside the explainer's name); ``style`` is a matplotlib line style; ``summary_key``: the
+    result key whose value the legend shows (e.g. the curve's AUC)."""
+
+    figure: str
+    title: str
+    x_label: str
+    y_label: str
+    x: list[float]
+    y: list[float]
+    label: str = ""
+    style: str = "-"
+    summary_key: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FaithfulnessMetric(Metric):
+    """Base class of the evaluation's metrics (see the module docstring for the interface).
+
+    Subclasses name their per-image keys in ``super().__init__(per_image_keys=...)`` and call
+    ``self.record(batch.indices, key=values, ...)`` in ``update``.
+    """
+
+    full_state_update: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool | None] = None
+    # False for an expensive metric that users turn on (``metrics.<name>=true``); the evaluation's default
+    default_enabled: ClassVar[bool] = True
+
+    def __init__(self, per_image_keys: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.per_image_keys = tuple(per_image_keys)
+        self.add_state("image_index", default=[], dist_reduce_fx="cat")
+        for key in self.per_image_keys:
+            self.add_state(_state_name(key), default=[], dist_reduce_fx="cat")
+
+    def update(self, batch: ScoredBatch) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def columns(self) -> list[Column]:
+        """The keys ``compute`` returns, with how to show them."""
+        raise NotImplementedError
+
+    def curves(self) -> dict[str, Curve]:
+        """Mean curves over every process (none by default)."""
+        return {}
+
+    def record(self, indices: Tensor, **values: Tensor) -> None:
+        """Keep each image's value of the per-image keys (``[B]`` each, same images as ``indices``)."""
+        missing = set(self.per_image_keys) - set(values)
+        if missing or set(values) - set(self.per_image_keys):
+            raise ValueError(
+                f"record() needs exactly the per-image keys {list(self.per_image_keys)}, got {list(values)}"
+            )
+        device = self.image_index[0].device if self.image_index else torch.device("cpu")
+        self.image_index.append(indices.detach().long().to(device))
+        for key, value in values.items():
+            getattr(self, _state_name(key)).append(value.detach().double().flatten().to(device))
+
+    def per_image(self) -> dict[str, Tensor]:
+        """``{"index": [N], key: [N] ...}`` over every process (synchronised like ``compute``)."""
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn,
+            should_sync=self._to_sync and not self._is_synced,
+            should_unsync=self._should_unsync,
+        ):
+            result = {"index": _cat(self.image_index, torch.long)}
+            for key in self.per_image_keys:
+                result[key] = _cat(getattr(self, _state_name(key)), torch.float64)
+        return result
+
+
+# name -> metric class; each metric's file registers itself (``@METRICS.register("name")``)
+METRICS: Registry[type[FaithfulnessMetric]] = Registry("metric")
+
+
+def _state_name(key: str) -> str:
+    return "image_" + "".join(char if char.isalnum() else "_" for char in key)
+
+
+def _cat(values: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:
+    if isinstance(values, Tensor):  # after a sync, a cat state is one tensor
+        return values.to(dtype).cpu()
+    return dim_zero_cat(values).to(dtype).cpu() if values else torch.zeros(0, dtype=dtype)

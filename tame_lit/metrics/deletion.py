@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from tame_lit.metrics.base import Model, probabilities
+from tame_lit.metrics.base import METRICS, Column, Curve, FaithfulnessMetric, Model, ScoredBatch, probabilities
 
 __all__ = [
     "FIRST_FRACTION",
     "DeletionInsertion",
+    "auc_weights",
     "blurred",
     "curve_auc",
     "deletion_insertion_curves",
@@ -87,6 +87,13 @@ def curve_auc(x: Tensor, y: Tensor, upto: float = 1.0) -> Tensor:
         xs = torch.cat([x[:right], x.new_tensor([upto])])
         ys = torch.cat([y[:right], y_upto.reshape(1)])
     return torch.trapezoid(ys, xs) / upto
+
+
+def auc_weights(x: Tensor, upto: float = 1.0) -> Tensor:
+    """``w`` with ``curves @ w == curve_auc(x, curve, upto)`` for every row of ``curves``: the area is linear
+    in the curve, so each image's AUC is one product (float64 ``[len(x)]``)."""
+    basis = torch.eye(x.numel(), dtype=torch.float64)
+    return torch.stack([curve_auc(x, row, upto) for row in basis])
 
 
 def pixel_ranks(maps: Tensor) -> Tensor:
@@ -161,17 +168,17 @@ def deletion_insertion_curves(
     return curves["d"], curves["i"]
 
 
-class DeletionInsertion(Metric):
-    """Deletion and insertion AUCs of the mean curves, over all pixels and over the first 20 %.
+@METRICS.register("deletion")
+class DeletionInsertion(FaithfulnessMetric):
+    """Deletion and insertion AUCs of the mean curves, over all pixels and over the first ``first`` fraction.
 
     States are float64 sums of the per-image curves on a common grid and a count, so AUC(mean curve) = mean of
-    the per-image AUCs and results are exact when summed across processes. The image size, and so the grid, is
-    fixed at the first update after a reset (every process must see at least one batch before a synchronised
-    compute, as Lightning's distributed sampler ensures).
+    the per-image AUCs and results are exact when summed across processes; each image's AUCs are kept too.
+    The image size, and so the grid, is fixed at the first update after a reset (every process must see at
+    least one batch before a synchronised compute, as Lightning's distributed sampler ensures). ``first``:
+    An & Joe's "first 20 %" view (keys ``*_first20``), or None for none. ``step``: pixels per step;
+    ``steps``, when given, a number of steps instead.
     """
-
-    full_state_update = False
-    higher_is_better = None
 
     def __init__(
         self,
@@ -180,9 +187,10 @@ class DeletionInsertion(Metric):
         blur_kernel: int = 11,
         blur_sigma: float = 5.0,
         chunk_size: int = 64,
+        first: float | None = FIRST_FRACTION,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        step = None if steps is not None else step  # a number of steps, when given, replaces the default step
         resolve_step(1, step, steps)  # validate now, not at the first batch
         if blur_kernel < 1 or blur_kernel % 2 == 0:
             raise ValueError(f"blur_kernel must be a positive odd size, got {blur_kernel}")
@@ -190,29 +198,25 @@ class DeletionInsertion(Metric):
             raise ValueError(f"blur_sigma must be positive, got {blur_sigma}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if first is not None and not 0.0 < first < 1.0:
+            raise ValueError(f"first must be a fraction of pixels in (0, 1) or None, got {first}")
         self.step, self.steps = step, steps
         self.blur_kernel, self.blur_sigma, self.chunk_size = blur_kernel, blur_sigma, chunk_size
+        self.first = first
+        self.suffix = "" if first is None else f"_first{round(100 * first)}"
+        keys = ["deletion_auc", "insertion_auc"]
+        if first is not None:
+            keys += [f"deletion_auc{self.suffix}", f"insertion_auc{self.suffix}"]
+        super().__init__(per_image_keys=keys, **kwargs)
         # empty until the first update sets the grid; "max" keeps the size on every process after a sync
         self.add_state("size", default=torch.zeros(2, dtype=torch.long), dist_reduce_fx="max")
         self.add_state("deletion", default=torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("insertion", default=torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(
-        self, model: Model, images: Tensor, maps: Tensor, targets: Tensor, clean_probs: Tensor | None = None
-    ) -> None:
-        if images.dim() != 4:
-            raise ValueError(f"expected images [B, C, H, W], got {tuple(images.shape)}")
-        batch, _, height, width = images.shape
-        if tuple(maps.shape) != (batch, height, width):
-            raise ValueError(
-                f"expected maps {(batch, height, width)} for images {tuple(images.shape)}, got {tuple(maps.shape)}"
-                " (upsample the maps to the image size first)"
-            )
-        if tuple(targets.shape) != (batch,):
-            raise ValueError(f"expected targets [{batch}], got {tuple(targets.shape)}")
-        if clean_probs is not None and tuple(clean_probs.shape) != (batch,):
-            raise ValueError(f"expected clean_probs [{batch}], got {tuple(clean_probs.shape)}")
+    def update(self, batch: ScoredBatch) -> None:
+        images, maps, targets = batch.images, batch.maps, batch.targets
+        height, width = images.shape[-2:]
         size = self._size()
         if size is None:
             self.size = torch.tensor([height, width], dtype=torch.long, device=self.size.device)
@@ -223,34 +227,62 @@ class DeletionInsertion(Metric):
             )
         step = resolve_step(height * width, self.step, self.steps)
         deletion, insertion = deletion_insertion_curves(
-            model, images, maps, targets, step, self.blur_kernel, self.blur_sigma, self.chunk_size, clean_probs
-        )
+            batch.model, images, maps, targets, step, self.blur_kernel, self.blur_sigma, self.chunk_size,
+            batch.clean_probs,
+        )  # fmt: skip
         if self.deletion.numel() == 0:
             self.deletion = torch.zeros(deletion.shape[1], dtype=torch.float64, device=self.count.device)
             self.insertion = torch.zeros_like(self.deletion)
         # out of place: states reset under inference mode (trainer.validate) stay usable afterwards
         self.deletion = self.deletion + deletion.double().sum(0).to(self.deletion.device)
         self.insertion = self.insertion + insertion.double().sum(0).to(self.insertion.device)
-        self.count = self.count + batch
+        self.count = self.count + images.shape[0]
+        x = fractions(height * width, step)
+        values = {}
+        for upto, suffix in ((1.0, ""), (self.first, self.suffix)):
+            if upto is None:
+                continue
+            weights = auc_weights(x, upto).to(deletion.device)
+            values[f"deletion_auc{suffix}"] = deletion.double() @ weights
+            values[f"insertion_auc{suffix}"] = insertion.double() @ weights
+        self.record(batch.indices, **values)
 
-    def compute(self) -> dict[str, Tensor]:
+    def compute(self) -> dict[str, float]:
         x, deletion, insertion = self._mean_curves()
-        return {
-            "deletion_auc": curve_auc(x, deletion),
-            "insertion_auc": curve_auc(x, insertion),
-            "deletion_auc_first20": curve_auc(x, deletion, FIRST_FRACTION),
-            "insertion_auc_first20": curve_auc(x, insertion, FIRST_FRACTION),
-        }
+        result = {"deletion_auc": float(curve_auc(x, deletion)), "insertion_auc": float(curve_auc(x, insertion))}
+        if self.first is not None:
+            result[f"deletion_auc{self.suffix}"] = float(curve_auc(x, deletion, self.first))
+            result[f"insertion_auc{self.suffix}"] = float(curve_auc(x, insertion, self.first))
+        return result
 
-    def curves(self) -> dict[str, list[float]]:
-        """The mean curves (over every process) against the fraction of pixels changed, for plots and json."""
+    def columns(self) -> list[Column]:
+        columns = [
+            Column("deletion_auc", "Deletion ↓", False, primary=True),
+            Column("insertion_auc", "Insertion ↑", True, primary=True),
+        ]
+        if self.first is not None:
+            share = f"{100 * self.first:g} %"
+            columns += [
+                Column(f"deletion_auc{self.suffix}", f"Del. {share} ↓", False),
+                Column(f"insertion_auc{self.suffix}", f"Ins. {share} ↑", True),
+            ]
+        return columns
+
+    def curves(self) -> dict[str, Curve]:
+        """The mean curves (over every process) against the fraction of pixels changed."""
         with self.sync_context(
             dist_sync_fn=self.dist_sync_fn,
             should_sync=self._to_sync and not self._is_synced,
             should_unsync=self._should_unsync,
         ):
             x, deletion, insertion = self._mean_curves()
-        return {"fraction": x.tolist(), "deletion": deletion.tolist(), "insertion": insertion.tolist()}
+        y_label = "probability of the class"
+        return {
+            "deletion": Curve("deletion", "Deletion (lower is better)", "fraction of pixels deleted", y_label,
+                              x.tolist(), deletion.tolist(), summary_key="deletion_auc"),
+            "insertion": Curve("insertion", "Insertion (higher is better)", "fraction of pixels inserted", y_label,
+                               x.tolist(), insertion.tolist(), summary_key="insertion_auc"),
+        }  # fmt: skip
 
     def _size(self) -> tuple[int, int] | None:
         height, width = (int(value) for value in self.size.tolist())

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from tame_lit.metrics.base import METRICS, Column, FaithfulnessMetric, ScoredBatch
 
 __all__ = ["PointingGame", "box_mask"]
 
@@ -20,7 +19,8 @@ def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
     return (inside_y[:, :, None] & inside_x[:, None, :]).any(dim=0)
 
 
-class PointingGame(Metric):
+@METRICS.register("pointing")
+class PointingGame(FaithfulnessMetric):
     """Both pointing games over the images that have a box of the explained class.
 
     Pointing game: a hit when the map's maximum (its first maximum, in raster order) lies within
@@ -31,49 +31,62 @@ class PointingGame(Metric):
     in the map's pixel coordinates.
     """
 
-    full_state_update = False
-    higher_is_better = True
-
     def __init__(self, tolerance: float = 15.0, **kwargs: object) -> None:
-        super().__init__(**kwargs)
         if tolerance < 0:
             raise ValueError(f"pointing game tolerance must be >= 0 pixels, got {tolerance}")
+        super().__init__(per_image_keys=("pointing_game", "energy_pointing_game"), **kwargs)
         self.tolerance = float(tolerance)
         self.add_state("hits", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("energy", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, maps: Tensor, targets: Tensor, boxes: Sequence[Tensor]) -> None:
-        if maps.dim() != 3 or len(boxes) != maps.shape[0] or targets.shape != maps.shape[:1]:
-            raise ValueError(
-                f"expected maps [B, H, W], targets [B] and B box tensors, got {tuple(maps.shape)}, "
-                f"{tuple(targets.shape)} and {len(boxes)}"
-            )
+    def update(self, batch: ScoredBatch) -> None:
+        """Score the images of ``batch`` that have a box of their explained class (none without boxes)."""
+        maps = batch.maps
         height, width = maps.shape[-2:]
-        hits = energy = 0.0
-        count = 0
-        for image_map, target, image_boxes in zip(maps.float(), targets.tolist(), boxes, strict=True):
+        hits: list[float] = []
+        energies: list[float] = []
+        counted: list[int] = []
+        boxes = batch.boxes if batch.boxes is not None else [torch.zeros(0, 5)] * batch.size
+        for row, (image_map, target, image_boxes) in enumerate(
+            zip(maps.float(), batch.targets.tolist(), boxes, strict=True)
+        ):
             image_boxes = image_boxes.to(maps.device).float().view(-1, 5)
             own = image_boxes[image_boxes[:, 0] == target, 1:]
             if own.numel() == 0:
                 continue
-            count += 1
+            counted.append(row)
             peak = int(image_map.flatten().argmax())
             y, x = peak // width + 0.5, peak % width + 0.5
             dx = torch.clamp(torch.maximum(own[:, 0] - x, x - own[:, 2]), min=0)
             dy = torch.clamp(torch.maximum(own[:, 1] - y, y - own[:, 3]), min=0)
-            hits += float((dx.square() + dy.square()).sqrt().min() <= self.tolerance)
+            hits.append(float((dx.square() + dy.square()).sqrt().min() <= self.tolerance))
             total = image_map.clamp_min(0).sum()
-            if total > 0:
-                energy += float(image_map.clamp_min(0)[box_mask(own, height, width)].sum() / total)
-        self.hits = self.hits + hits
-        self.energy = self.energy + energy
-        self.count = self.count + count
+            inside = image_map.clamp_min(0)[box_mask(own, height, width)].sum()
+            energies.append(float(inside / total) if total > 0 else 0.0)
+        self.hits = self.hits + sum(hits)
+        self.energy = self.energy + sum(energies)
+        self.count = self.count + len(counted)
+        self.record(
+            batch.indices[counted] if counted else batch.indices[:0],
+            pointing_game=torch.tensor(hits, dtype=torch.float64),
+            energy_pointing_game=torch.tensor(energies, dtype=torch.float64),
+        )
 
-    def compute(self) -> dict[str, Tensor]:
-        count = self.count.clamp_min(1).double()
+    def compute(self) -> dict[str, float]:
+        """Both games over the counted images; nothing when no image had a box of its class."""
+        count = int(self.count)
+        if count == 0:
+            return {}
         return {
-            "pointing_game": self.hits / count,
-            "energy_pointing_game": self.energy / count,
-            "pointing_images": self.count.double(),
+            "pointing_game": float(self.hits) / count,
+            "energy_pointing_game": float(self.energy) / count,
+            "pointing_images": float(count),
         }
+
+    def columns(self) -> list[Column]:
+        return [
+            Column("pointing_game", "Pointing ↑", True, share=True),
+            Column("energy_pointing_game", "Energy PG ↑", True),
+            Column("pointing_images", "pointing images", None, digits=0, table=False),
+        ]

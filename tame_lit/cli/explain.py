@@ -1,7 +1,10 @@
-"""``tame-explain`` / ``python -m tame_lit.explain``: explanations of your own images, as files.
+"""``tame-explain`` / ``python -m tame_lit.cli.explain``: explanations of your own images, as files.
 
     tame-explain PHOTOS/ cat.jpg 'shots/*.png' --explainer gradcam --out explained/ [--topk 3]
     tame-explain PHOTOS/ --explainer outputs/train/runs/<time>/export --out explained/
+
+``--explainer`` is a method name, or a trained explainer file: a checkpoint, an export folder, an
+``explainer.pt2`` program or an ``explainer.onnx`` graph (``tame_lit.load_explainer``).
 
 For every readable image and each explained class: an overlay PNG (heatmap over the image, colour bar,
 class name and probability in the title) and the raw map as ``.npy``; for the run: ``summary.csv`` and
@@ -28,11 +31,12 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tame_lit import backbones, explainers
 from tame_lit.data import ImageDataset, UnreadableImageWarning, collate, eval_transform, imagenet_class_names
-from tame_lit.explainers import Explainer, load_explainer
+from tame_lit.explainers import Explainer
 from tame_lit.io import atomic_path, write_json
+from tame_lit.loading import load_explainer
 from tame_lit.viz import overlay_figure, save_figure
 
-__all__ = ["collect_inputs", "explain_files", "main", "resolve_target"]
+__all__ = ["build_explainer", "collect_inputs", "explain_files", "main", "resolve_target"]
 
 
 def collect_inputs(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -77,28 +81,21 @@ def resolve_target(text: str | None, names: Sequence[str] | None, num_classes: i
     raise ValueError(f"--target {text!r} matches {len(candidates)} class names{': ' + str(shown) if shown else ''}")
 
 
-def _explainer(spec: str, backbone_name: str | None, options: dict) -> tuple[Explainer, backbones.Backbone]:
+def build_explainer(spec: str, backbone_name: str | None = None, options: dict | None = None) -> Explainer:
+    """``--explainer``: a registered method on ``--backbone`` (default EfficientNet-Lite0), or a trained
+    explainer file of any kind (checked against ``--backbone`` when one is given)."""
+    options = options or {}
     if spec in explainers.available():
-        backbone = backbones.create(backbone_name or "efficientnet_lite0", **options)
-        return explainers.create(spec, backbone), backbone
+        return explainers.create(spec, backbones.create(backbone_name or "efficientnet_lite0", **options))
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"--explainer {spec!r} is neither a method {explainers.available()} nor an existing path")
-    given = backbones.create(backbone_name, **options) if backbone_name else None
-    explainer = load_explainer(path, backbone=given)
-    backbone = getattr(explainer, "backbone", None)
-    if backbone is None:  # a standalone program: the backbone its metadata names, for the probabilities
-        config = explainer.metadata.get("backbone", {}).get("config")
-        if not config and given is None:
-            raise ValueError(f"{spec}: the program does not name its backbone; pass --backbone")
-        backbone = given or backbones.create(**config)
-    return explainer, backbone
+    return load_explainer(path, backbone=backbones.create(backbone_name, **options) if backbone_name else None)
 
 
 def explain_files(
     files: Sequence[Path],
     explainer: Explainer,
-    backbone: backbones.Backbone,
     out: Path,
     target: int | None = None,
     topk: int = 1,
@@ -109,11 +106,11 @@ def explain_files(
     """Explain ``files``; write overlays and maps into ``out``. Returns (summary rows, unreadable files)."""
     from tqdm.auto import tqdm
 
-    size = size or backbone.input_size[0]
-    names = imagenet_class_names() if backbone.num_classes == 1000 else None
+    size = size or explainer.input_size[0]
+    names = imagenet_class_names() if explainer.num_classes == 1000 else None
     dataset = ImageDataset([(str(path), -1) for path in files], eval_transform(size, size))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    backbone = backbone.to(device).eval()
+    explainer = explainer.to(device)
     rows: list[dict] = []
     failed: list[str] = []
     seen = 0
@@ -127,8 +124,7 @@ def explain_files(
             if not indices:
                 continue
             images = batch["images"].to(device)
-            with torch.no_grad():
-                probabilities = backbone(images).float().softmax(dim=1)
+            probabilities = explainer.predict(images).softmax(dim=1)
             top = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
             ranks = [torch.full_like(top.indices[:, 0], target)] if target is not None else top.indices.unbind(1)
             for rank, classes in enumerate(ranks, start=1):
@@ -184,8 +180,8 @@ def _write_summary(rows: list[dict], failed: list[str], out: Path, explainer_nam
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tame-explain", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--explainer", default="gradcam", help=f"a method {explainers.available()} or a "
-                        "trained head: checkpoint, export folder or explainer.pt2")  # fmt: skip
+    parser.add_argument("--explainer", default="gradcam", help=f"a method {explainers.available()} or a trained "
+                        "explainer: checkpoint, export folder, explainer.pt2 or explainer.onnx")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--backbone", help="backbone name (default: efficientnet_lite0, or the trained head's)")
     parser.add_argument("--weights", help="backbone weights: 'imagenet', a file, or 'none'")
@@ -199,16 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     options = {} if args.weights is None else {"weights": None if args.weights.lower() == "none" else args.weights}
     try:
-        explainer, backbone = _explainer(args.explainer, args.backbone, options)
-        names = imagenet_class_names() if backbone.num_classes == 1000 else None
-        target = resolve_target(args.target, names, backbone.num_classes)
+        explainer = build_explainer(args.explainer, args.backbone, options)
+        names = imagenet_class_names() if explainer.num_classes == 1000 else None
+        target = resolve_target(args.target, names, explainer.num_classes)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     files, missing = collect_inputs(args.paths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, failed = explain_files(files, explainer, backbone, out, target, args.topk, args.batch_size, args.size,
-                                 args.device)  # fmt: skip
+    rows, failed = explain_files(files, explainer, out, target, args.topk, args.batch_size, args.size, args.device)
     readable = len(files) - len(failed)
     failed = [*missing, *failed]
     _write_summary(rows, failed, out, args.explainer)

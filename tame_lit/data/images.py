@@ -1,0 +1,126 @@
+"""Decoding and transforming images: robust RGB loading, TAME's train/eval transforms, the dataset of
+``(path, label)`` samples (optionally with their bounding boxes) and the collate that builds batches.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from tame_lit.data.imagenet import BoxSource, visible_boxes
+from tame_lit.data.sources import Sample
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image file could not be decoded and was skipped."""
+
+
+def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Open an image as 8-bit RGB: grayscale, palette, CMYK and 16-bit images are converted, and
+    transparent images are composited over white (not over whatever colour hides under alpha = 0)."""
+    with Image.open(path) as image:
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))  # decode at a reduced scale when much larger
+        image.load()
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            peak = 65535.0 if image.mode.startswith("I") and array.max() > 255 else max(float(array.max()), 1.0)
+            image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
+def train_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
+    """TAME's training transform: Resize(256), RandomCrop(224), RandomHorizontalFlip, to [0, 1]."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize_size, antialias=True),
+            v2.RandomCrop(crop_size, pad_if_needed=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
+def eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
+    """TAME's evaluation transform: Resize(256), CenterCrop(224), to [0, 1]."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize_size, antialias=True),
+            v2.CenterCrop(crop_size),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
+class ImageDataset(Dataset):
+    """``(path, label)`` samples, decoded robustly: an unreadable file yields ``None`` and a warning.
+
+    Items are ``(image, label, index)``, or ``(image, label, index, boxes)`` with ``boxes`` (a
+    ``BoxSource``): the image's bounding boxes ``[n, 5]`` (class, x0, y0, x1, y1), moved by the same
+    resize and crop as the image.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        draft_size: int | None = None,
+        boxes: BoxSource | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.draft_size = draft_size
+        self.boxes = boxes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple | None:
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path, self.draft_size)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+            warnings.warn(f"skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=2)
+            return None
+        if self.boxes is None:
+            return self.transform(image), label, index
+        classes, boxes = self.boxes.for_image(path, image.size)
+        tensor, moved = self.transform(image, boxes)
+        return tensor, label, index, visible_boxes(classes, moved)
+
+
+def collate(items: Sequence[tuple | None]) -> dict[str, object]:
+    """Stack readable items; count the unreadable ones so the training loop can log them."""
+    kept = [item for item in items if item is not None]
+    if not kept:
+        return {
+            "images": torch.zeros(0, 3, 1, 1),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "indices": torch.zeros(0, dtype=torch.long),
+            "skipped": len(items),
+        }
+    columns = list(zip(*kept, strict=True))
+    batch = {
+        "images": torch.stack(columns[0]),
+        "labels": torch.tensor(columns[1], dtype=torch.long),
+        "indices": torch.tensor(columns[2], dtype=torch.long),
+        "skipped": len(items) - len(kept),
+    }
+    if len(columns) > 3:
+        batch["boxes"] = list(columns[3])
+    return batch

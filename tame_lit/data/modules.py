@@ -1,0 +1,157 @@
+"""The Lightning DataModules the Hydra configs instantiate (``conf/data/*.yaml``): images from folders or
+TAME list files, and the embedded sample photos for a first run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+
+from tame_lit.data.imagenet import BoxSource
+from tame_lit.data.images import ImageDataset, collate, eval_transform, train_transform
+from tame_lit.data.sampler import EvenlySplitSampler
+from tame_lit.data.sources import Sample, embedded_samples, first_per_class, folder_samples, list_samples
+
+
+def _at_least_one(value: object, key: str) -> int:
+    if int(value) < 1:
+        raise ValueError(f"{key} must be >= 1, got {value}")
+    return int(value)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images from ImageFolder trees or TAME list files.
+
+    ``root``: the images to evaluate on (validation during training, the set ``evaluate.py`` scores), an
+    ImageFolder tree (``root/<class>/<image>``, ImageNet's ``val/`` after the usual class-folder
+    arrangement) or, with ``list_file``, the folder its ``path label`` lines are relative to; ``limit`` keeps
+    the first N images in folder/list order, ``limit_per_class`` the first N of each class (a class-balanced
+    subset; applied before ``limit``). ``train_root``/``train_list``/``train_limit``/``train_limit_per_class``:
+    the same for the training images. ``boxes_dir``: bounding boxes of the ``root`` images (ImageNet
+    validation XML), for the pointing games. ``eval_batch_size`` defaults to ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train_root: str | None = None,
+        list_file: str | None = None,
+        train_list: str | None = None,
+        limit: int | None = None,
+        train_limit: int | None = None,
+        limit_per_class: int | None = None,
+        train_limit_per_class: int | None = None,
+        boxes_dir: str | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        resize_size: int = 256,
+        crop_size: int = 224,
+        class_index: str = "auto",
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.train_dataset: Dataset | None = None
+        self.eval_dataset: Dataset | None = None
+        self.class_names: list[str] | None = None
+
+    def _samples(self, split: str) -> list[Sample] | None:
+        train = split == "train"
+        folder = self.hparams.train_root if train else self.hparams.root
+        list_file = self.hparams.train_list if train else self.hparams.list_file
+        if folder is None:
+            if list_file is not None:
+                keys = ("train_list", "train_root") if train else ("list_file", "root")
+                raise ValueError(f"data.{keys[0]} needs data.{keys[1]}, the folder its paths are relative to")
+            return None
+        if list_file is not None:
+            return list_samples(folder, list_file)
+        samples, classes = folder_samples(folder, self.hparams.class_index)
+        if not train:
+            self.class_names = classes
+        return samples
+
+    def _dataset(self, split: str, transform: Callable) -> Dataset | None:
+        samples = self._samples(split)
+        if samples is None:
+            return None
+        prefix = "train_" if split == "train" else ""
+        per_class = self.hparams[f"{prefix}limit_per_class"]
+        if per_class is not None:
+            samples = first_per_class(samples, _at_least_one(per_class, f"data.{prefix}limit_per_class"))
+        limit = self.hparams[f"{prefix}limit"]
+        if limit is not None:
+            samples = samples[: _at_least_one(limit, f"data.{prefix}limit")]
+        boxes = None
+        if split == "eval" and self.hparams.boxes_dir:
+            folder_index = {name: index for index, name in enumerate(self.class_names or [])}
+            boxes = BoxSource(self.hparams.boxes_dir, folder_index)
+            boxes.check([path for path, _ in samples])
+        return ImageDataset(samples, transform, draft_size=self.hparams.resize_size, boxes=boxes)
+
+    def setup(self, stage: str | None = None) -> None:
+        size = (self.hparams.resize_size, self.hparams.crop_size)
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset("train", train_transform(*size))
+            if self.train_dataset is None:
+                raise ValueError("training needs data.train_root (a folder of images)")
+        if self.eval_dataset is None:
+            self.eval_dataset = self._dataset("eval", eval_transform(*size))
+            if self.eval_dataset is None and stage in ("test", "predict"):
+                raise ValueError("evaluation needs data.root (a folder of images)")
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.eval_dataset is None:
+            return []
+        return self._loader(self.eval_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Every image exactly once, also across processes (see ``EvenlySplitSampler``)."""
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = EvenlySplitSampler(self.eval_dataset)
+        return self._loader(self.eval_dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
+
+
+class EmbeddedDataModule(ImageDataModule):
+    """The photos shipped with scikit-image and matplotlib, for a first run on a fresh machine.
+
+    The same photos serve for training (augmented, repeated ``repeats`` times per epoch) and validation
+    (center crop): a smoke test of the whole pipeline, not a benchmark.
+    """
+
+    def __init__(self, repeats: int = 4, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.repeats = int(repeats)
+
+    def _samples(self, split: str) -> list[Sample]:
+        return embedded_samples()
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage in (None, "fit") and not isinstance(self.train_dataset, ConcatDataset) and self.repeats > 1:
+            self.train_dataset = ConcatDataset([self.train_dataset] * self.repeats)
