@@ -131,7 +131,7 @@ def main() -> None:
         noisy_linear_impute(images[:4], batch_masks[4][:4])  # warm-up
         impute = min(timed(impute_all_levels, args.device) for _ in range(args.repeats)) / (args.batch * len(LEVELS))
         road = min(timed(road_all_levels, args.device) for _ in range(args.repeats)) / (args.batch * len(LEVELS))
-    curve = metric.curve()
+    curve = metric.curves()["road_morf"]  # top-1 kept per level
     solver_rows = iteration_table(images[: args.solver_images], maps[: args.solver_images], args.device)
     reference = None
     if args.theirs_images > 0:
@@ -159,7 +159,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for row in solver_rows:
         print(row)
-    accuracy = ", ".join(f"{a:.2f}" for a in curve["accuracy"])
+    accuracy = ", ".join(f"{a:.2f}" for a in curve.y)
     print(f"\nROAD MoRF accuracy of Grad-CAM on these {args.batch} images at 10..90 %: {accuracy}")
 
 

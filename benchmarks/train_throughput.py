@@ -77,7 +77,7 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
         optimizer.step()
 
     def explain() -> None:
-        module.explainer(images)
+        module.explain(images)
 
     step = inference if mode == "inference" else explain if variant == "explain" else tame_step
     for _ in range(2):
