@@ -334,6 +334,10 @@ class EvaluateConfig(TaskConfig):
         }
     )
     grid_images: int = inspect.signature(EvaluationModule).parameters["grid_images"].default
+    # statistics (tame_lit.statistics): every explainer against `compare_to` (null: none), image by image
+    compare_to: str | None = inspect.signature(EvaluationModule).parameters["compare_to"].default
+    confidence: float = inspect.signature(EvaluationModule).parameters["confidence"].default
+    resamples: int = inspect.signature(EvaluationModule).parameters["resamples"].default
 
 
 def register_schemas() -> dict[str, type]:

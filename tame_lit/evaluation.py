@@ -5,7 +5,9 @@ once, and explained by each explainer in turn; its maps feed the faithfulness me
 Every registered metric (``tame_lit.metrics``) sees the same ``ScoredBatch`` and says itself which columns
 and curves it gives, so this module only loops over them. Metrics keep sum states and per-image values,
 and the data module hands every process its own images exactly once, so numbers are the same with one
-process or many. An explainer that fails is recorded and skipped; the others go on.
+process or many. From the per-image values come each number's confidence interval and each explainer's paired
+comparison with a reference (``compare_to``; ``tame_lit.statistics``). An explainer that fails is recorded and
+skipped; the others go on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tame_lit import metrics as metric_registry
+from tame_lit import statistics
 from tame_lit.backbones import Backbone
 from tame_lit.explainers import Explainer
 from tame_lit.metrics import Column, ScoredBatch, class_probability
@@ -71,14 +74,30 @@ class EvaluationModule(L.LightningModule):
         metrics: Mapping[str, Mapping[str, Any] | bool | None] | None = None,
         shared: Mapping[str, Any] | None = None,
         grid_images: int = 8,
+        compare_to: str | None = "gradcam",
+        confidence: float = 0.95,
+        resamples: int = 2000,
     ) -> None:
         """``metrics``: ``{name: options}`` of registered metrics (``tame_lit.metrics.available()``; options
         ``{}``/``True`` for the metric's defaults, ``False``/``None`` to leave it out); None: every registered
         metric that is on by default (``default_enabled``). ``shared``: settings given to every metric whose
-        constructor takes them (the run's ``seed``)."""
+        constructor takes them (the run's ``seed``, which also seeds the bootstrap). ``compare_to``: the
+        explainer every other one is compared with, image by image (None: no comparisons); ``confidence``: of
+        every interval; ``resamples``: bootstrap resamples per interval."""
         super().__init__()
         if not explainers:
             raise ValueError("nothing to evaluate: no explainers")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
+        if resamples < 100:
+            raise ValueError(f"resamples must be >= 100 for a stable bootstrap interval, got {resamples}")
+        if compare_to is not None and compare_to not in explainers:
+            log.warning(
+                "compare_to=%r is not among the explainers %s: no paired comparisons (add it to explainers, or "
+                "set compare_to to one of them or null)", compare_to, list(explainers),
+            )  # fmt: skip
+        self.compare_to = compare_to if compare_to in explainers else None
+        self.confidence, self.resamples = float(confidence), int(resamples)
         self.backbone = backbone
         self.explainers = dict(explainers)
         if metrics is None:
@@ -199,13 +218,35 @@ class EvaluationModule(L.LightningModule):
             self.results[name] = row
             self.curves[name] = curves
             self.per_image[name] = per_image
+        self._add_statistics()
         labelled = float(self.labelled.compute())
         self.summary = {
             "top1_accuracy": float(self.accuracy.compute()) if labelled > 0 else None,
             "labelled_images": int(labelled),
             "skipped_images": int(self.skipped.compute()),
             "failed": failures,
+            "statistics": {
+                "compare_to": self.compare_to if self.compare_to in self.results else None,
+                "confidence": self.confidence,
+                "resamples": self.resamples,
+                "seed": self._bootstrap_seed,
+            },
         }
+
+    @property
+    def _bootstrap_seed(self) -> int:
+        seed = self.shared.get("seed")
+        return 0 if seed is None else int(seed)
+
+    def _add_statistics(self) -> None:
+        """Intervals and paired comparisons from the per-image values (the same on every process: the values
+        are gathered and ordered by image index, and the bootstrap is seeded)."""
+        reference = self.compare_to if self.compare_to in self.per_image else None
+        found = statistics.summarise(
+            self.per_image, self.columns, reference, self.confidence, self.resamples, self._bootstrap_seed
+        )
+        for name, values in found.items():
+            self.results[name].update(values)
 
     def _gathered_failures(self) -> dict[str, str]:
         """Failures seen by any process (an explainer that failed anywhere is not reported as if whole)."""

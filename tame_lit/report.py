@@ -17,11 +17,15 @@ import torch
 
 from tame_lit.io import atomic_path, write_json
 from tame_lit.metrics import Column
+from tame_lit.statistics import comparison_keys, interval_keys
 from tame_lit.viz import curve_plot, explainer_grid, save_figure
 
-__all__ = ["mean_ranks", "metrics_table", "print_table", "write_report"]
+__all__ = ["comparison_table", "interval_table", "mean_ranks", "metrics_table", "print_table", "write_report"]
 
 Results = Mapping[str, Mapping[str, float]]
+
+# how a cell shows its paired outcome against the reference: better, same (within the interval), worse
+OUTCOME_MARKS = {1: "▲", 0: "", -1: "▼"}
 
 
 def mean_ranks(results: Results, columns: Sequence[Column]) -> dict[str, float]:
@@ -50,10 +54,12 @@ def _table_columns(results: Results, columns: Sequence[Column]) -> list[Column]:
 
 
 def metrics_table(
-    results: Results, columns: Sequence[Column], bold_best: bool = True
+    results: Results, columns: Sequence[Column], bold_best: bool = True, reference: str | None = None
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table (explainers sorted by mean rank; best value per column in
-    bold, markdown style)."""
+    bold, markdown style). With a ``reference`` (the explainer the others were compared with): each value
+    marked ▲ / ▼ where its paired difference with the reference is significantly better / worse, and a
+    win / tie / loss count per explainer."""
     ranks = mean_ranks(results, columns)
     columns = _table_columns(results, columns)
     names = sorted(results, key=lambda n: (ranks.get(n, math.inf), n))
@@ -63,31 +69,104 @@ def metrics_table(
         if column.higher_is_better is not None and len(set(values)) > 1:  # all equal: nobody is best
             best[column.key] = max(values) if column.higher_is_better else min(values)
     header = ["explainer", "mean rank ↓", *[c.title for c in columns]]
+    if reference is not None:
+        header.append(f"vs {reference} W/T/L")
     rows = []
     for name in names:
         row = [name, f"{ranks[name]:.2f}" if name in ranks else ""]
+        outcomes = []
         for column in columns:
             value = results[name].get(column.key)
             text = f"{value:.{column.digits}f}" if _finite(value) else ""
             if bold_best and text and column.key in best and value == best[column.key]:
                 text = f"**{text}**"
+            outcome = results[name].get(comparison_keys(column.key, reference)["outcome"]) if reference else None
+            if text and _finite(outcome):
+                outcomes.append(int(outcome))
+                text += OUTCOME_MARKS[int(outcome)]
             row.append(text)
+        if reference is not None:
+            row.append("reference" if name == reference else _win_tie_loss(outcomes))
         rows.append(row)
     return header, rows
 
 
-def print_table(results: Results, columns: Sequence[Column], title: str) -> None:
-    """The summary table in the terminal, with rich."""
+def _win_tie_loss(outcomes: Sequence[int]) -> str:
+    if not outcomes:
+        return ""
+    return f"{outcomes.count(1)}/{outcomes.count(0)}/{outcomes.count(-1)}"
+
+
+def interval_table(results: Results, columns: Sequence[Column]) -> tuple[list[str], list[list[str]]]:
+    """Each table value's confidence interval, ``[low, high]``, explainers in mean-rank order."""
+    ranks = mean_ranks(results, columns)
+    columns = [c for c in _table_columns(results, columns) if c.higher_is_better is not None]
+    rows = []
+    for name in sorted(results, key=lambda n: (ranks.get(n, math.inf), n)):
+        row = [name]
+        for column in columns:
+            low, high = (results[name].get(key) for key in interval_keys(column.key))
+            row.append(f"[{low:.{column.digits}f}, {high:.{column.digits}f}]" if _finite(low) and _finite(high) else "")
+        rows.append(row)
+    return ["explainer", *[c.title for c in columns]], rows
+
+
+def comparison_table(results: Results, columns: Sequence[Column], reference: str) -> tuple[list[str], list[list[str]]]:
+    """Each explainer minus ``reference``, image by image: mean difference, its interval and the paired test's
+    p-value, marked ▲ / ▼ when significantly better / worse."""
+    ranks = mean_ranks(results, columns)
+    columns = [c for c in _table_columns(results, columns) if c.higher_is_better is not None]
+    rows = []
+    for name in sorted(results, key=lambda n: (ranks.get(n, math.inf), n)):
+        if name == reference:
+            continue
+        row = [name]
+        for column in columns:
+            keys = comparison_keys(column.key, reference)
+            found = {field: results[name].get(key) for field, key in keys.items()}
+            if not all(_finite(value) for value in found.values()):
+                row.append("")
+                continue
+            digits = column.digits
+            row.append(
+                f"{found['difference']:+.{digits}f} [{found['low']:+.{digits}f}, {found['high']:+.{digits}f}] "
+                f"p={found['p_value']:.2g}{OUTCOME_MARKS[int(found['outcome'])]}"
+            )
+        rows.append(row)
+    return ["explainer", *[c.title for c in columns]], rows
+
+
+def print_table(
+    results: Results, columns: Sequence[Column], title: str, statistics: Mapping[str, Any] | None = None
+) -> None:
+    """The summary table in the terminal, with rich; with ``statistics`` (an evaluation summary's: its
+    ``compare_to`` and ``confidence``), the win / tie / loss against the reference."""
     from rich.console import Console
     from rich.table import Table
 
-    header, rows = metrics_table(results, columns)
+    statistics = statistics or {}
+    reference = statistics.get("compare_to")
+    header, rows = metrics_table(results, columns, reference=reference)
     table = Table(title=title, show_lines=False)
     for index, name in enumerate(header):
         table.add_column(name, justify="left" if index == 0 else "right")
     for row in rows:  # markdown bold (the best value) becomes rich bold
-        table.add_row(*[f"[bold]{cell[2:-2]}[/bold]" if cell.startswith("**") else cell for cell in row])
-    Console(width=max(160, 14 * len(header))).print(table)
+        table.add_row(*[_rich_cell(cell) for cell in row])
+    console = Console(width=max(160, 14 * len(header)))
+    console.print(table)
+    if reference is not None:
+        console.print(
+            f"▲ / ▼: significantly better / worse than {reference} on the same images (the "
+            f"{100 * statistics['confidence']:g} % interval of the paired difference lies on that side of zero and the "
+            "paired test agrees); W/T/L counts them per explainer. Intervals and p-values: report.md."
+        )
+
+
+def _rich_cell(cell: str) -> str:
+    if cell.startswith("**"):
+        end = cell.index("**", 2)
+        return f"[bold]{cell[2:end]}[/bold]{cell[end + 2 :]}"
+    return cell
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -199,8 +278,42 @@ def write_report(
     return paths
 
 
+def _statistics_markdown(results: Results, columns: Sequence[Column], statistics: Mapping[str, Any]) -> list[str]:
+    """The intervals and the paired comparisons, with how they were made."""
+    if not statistics or not any(interval_keys(c.key)[0] in row for row in results.values() for c in columns):
+        return []
+    confidence = f"{100 * statistics['confidence']:g} %"
+    lines = [
+        f"## {confidence} confidence intervals",
+        "",
+        _markdown_table(*interval_table(results, columns)),
+        "",
+        f"Means: BCa bootstrap over images ({statistics['resamples']} resamples, seed {statistics['seed']}); shares "
+        "(IC, pointing game): Wilson score interval.",
+        "",
+    ]
+    reference = statistics.get("compare_to")
+    if reference is None:
+        return [*lines, "No paired comparisons (`compare_to` is null or not among the explainers).", ""]
+    lines += [
+        f"## Paired comparison with {reference}",
+        "",
+        _markdown_table(*comparison_table(results, columns, reference)),
+        "",
+        f"Each cell: mean per-image difference (explainer − {reference}) on the images both scored, its {confidence} "
+        "BCa bootstrap interval, and the p-value of Wilcoxon's signed-rank test (exact McNemar test for shares). "
+        f"▲ / ▼ (here and in the main table): significantly better / worse, i.e. the interval lies wholly on that side "
+        f"of zero and p < {1 - statistics['confidence']:.2g}; otherwise a tie. No correction for multiple comparisons: "
+        "a single ▲ with p near the threshold is weak evidence.",
+        "",
+    ]
+    return lines
+
+
 def _markdown(results: Results, columns: Sequence[Column], summary: Mapping, meta: Mapping, figures: Mapping) -> str:
-    header, rows = metrics_table(results, columns)
+    statistics = summary.get("statistics") or {}
+    reference = statistics.get("compare_to")
+    header, rows = metrics_table(results, columns, reference=reference)
     ranked = ", ".join(c.title.rstrip(" ↑↓") for c in columns if c.primary and c.higher_is_better is not None)
     accuracy = summary.get("top1_accuracy")
     backbone = meta.get("backbone", {})
@@ -239,6 +352,7 @@ def _markdown(results: Results, columns: Sequence[Column], summary: Mapping, met
         "- **s / image**: seconds of explanation per image (after the first batch, which pays the warm-up).",
         "",
     ]
+    lines += _statistics_markdown(results, columns, statistics)
     if summary.get("failed"):
         lines += ["## Failed explainers", ""]
         lines += [f"- `{name}`: {error}" for name, error in summary["failed"].items()]

@@ -91,5 +91,5 @@ class AverageDropIncrease(FaithfulnessMetric):
             ranked = any(math.isclose(fraction, r) for r in self.ranked)
             p = percent(fraction)
             columns.append(Column(f"AD@{p}", f"AD@{p} ↓", False, 2, primary=ranked))
-            columns.append(Column(f"IC@{p}", f"IC@{p} ↑", True, 1, primary=ranked, share=True))
+            columns.append(Column(f"IC@{p}", f"IC@{p} ↑", True, 1, primary=ranked, share=True, scale=100.0))
         return columns

@@ -135,8 +135,9 @@ class ScoredBatch:
 class Column:
     """How one result key is shown: ``higher_is_better`` None means not a faithfulness score (not ranked,
     no best value); ``primary`` columns are averaged into the mean rank; ``share``: a proportion of images
-    (a hit rate), whose interval is binomial rather than a bootstrap of a mean; ``table``: shown in the
-    summary tables (report.md, terminal) as well as in metrics.json/csv and W&B."""
+    (a hit rate), whose interval is binomial rather than a bootstrap of a mean, with per-image values 0 or
+    ``scale`` (100 for a percentage); ``table``: shown in the summary tables (report.md, terminal) as well as
+    in metrics.json/csv and W&B."""
 
     key: str
     title: str
@@ -145,6 +146,7 @@ class Column:
     primary: bool = False
     share: bool = False
     table: bool = True
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
