@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import hashlib
+import logging
+import random
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +23,7 @@ from tame_lit.data import (
     list_samples,
     load_rgb,
 )
+from tame_lit.data.sources import first_per_class, holdout_split
 
 
 def save_modes(folder) -> dict[str, object]:
@@ -156,3 +163,106 @@ def test_embedded_default_photos_load_from_installed_packages():
     assert batch["images"].min() >= 0 and batch["images"].max() <= 1
     assert (batch["labels"] == -1).all()
     assert batch["images"].dtype == torch.float32
+
+
+HOLDOUT_CLASSES = {"n01440764": 7, "n02102040": 5, "n02979186": 9}  # tench, springer, cassette player
+
+
+def make_classes(root, counts=HOLDOUT_CLASSES) -> None:
+    for wnid, count in counts.items():
+        (root / wnid).mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(root / wnid / f"img_{index:02d}.png")
+
+
+def relative(samples, root) -> list[tuple[str, int]]:
+    return [(Path(path).relative_to(root).as_posix(), label) for path, label in samples]
+
+
+def test_holdout_split_is_disjoint_covers_every_image_and_holds_out_n_by_path_hash(tmp_path):
+    make_classes(tmp_path)
+    samples, _ = folder_samples(tmp_path)
+    train, held = holdout_split(samples, 2, tmp_path)
+    assert sorted(train + held) == sorted(samples) and not set(train) & set(held)
+    assert train == [s for s in samples if s not in held]  # both sides keep the folder order
+    labels = [label for _, label in held]
+    assert sorted(labels) == [0, 0, 217, 217, 482, 482]
+    for wnid in HOLDOUT_CLASSES:  # the first 2 of each class by the SHA-1 of the relative posix path
+        names = sorted((f"{wnid}/{p.name}" for p in (tmp_path / wnid).iterdir()),
+                       key=lambda name: hashlib.sha1(name.encode()).hexdigest())  # fmt: skip
+        assert sorted(name for name, _ in relative(held, tmp_path) if name.startswith(wnid)) == sorted(names[:2])
+    assert held != first_per_class(samples, 2)  # not simply the first files of each class
+
+
+def test_holdout_split_ignores_listing_order_and_path_prefix(tmp_path):
+    make_classes(tmp_path / "a" / "train")
+    shutil.copytree(tmp_path / "a" / "train", tmp_path / "elsewhere" / "deeper" / "copy")
+    samples, _ = folder_samples(tmp_path / "a" / "train")
+    train, held = holdout_split(samples, 3, tmp_path / "a" / "train")
+    moved, _ = folder_samples(tmp_path / "elsewhere" / "deeper" / "copy")
+    random.Random(0).shuffle(moved)
+    train2, held2 = holdout_split(moved, 3, tmp_path / "elsewhere" / "deeper" / "copy")
+    assert sorted(relative(held, tmp_path / "a" / "train")) == sorted(
+        relative(held2, tmp_path / "elsewhere" / "deeper" / "copy")
+    )
+    assert sorted(relative(train, tmp_path / "a" / "train")) == sorted(
+        relative(train2, tmp_path / "elsewhere" / "deeper" / "copy")
+    )
+
+
+def test_holdout_module_trains_on_the_rest_and_evaluates_the_held_out_images(tmp_path, caplog):
+    make_classes(tmp_path / "train")
+    make_folder(tmp_path / "val")  # the reported images: never seen with a holdout
+    options = dict(root=str(tmp_path / "val"), train_root=str(tmp_path / "train"), holdout_per_class=2,
+                   num_workers=0, resize_size=8, crop_size=8)  # fmt: skip
+    samples, classes = folder_samples(tmp_path / "train")
+    train, held = holdout_split(samples, 2, tmp_path / "train")
+    data = ImageDataModule(**options)
+    with caplog.at_level(logging.INFO, logger="tame_lit.data.modules"):
+        data.setup("fit")
+    assert data.train_dataset.samples == train and data.eval_dataset.samples == held
+    assert data.class_names == classes == sorted(HOLDOUT_CLASSES)
+    assert "data.holdout_per_class=2" in caplog.text and "data.root ignored" in caplog.text
+    assert [len(b["labels"]) for b in data.val_dataloader()] == [6]
+    evaluation = ImageDataModule(**options)  # evaluate.py: the held-out side only, the same images
+    evaluation.setup("test")
+    assert evaluation.train_dataset is None and evaluation.eval_dataset.samples == held
+    assert [len(b["labels"]) for b in evaluation.test_dataloader()] == [6]
+    # the limits apply to each side after the split: per class first, then the total
+    limited = ImageDataModule(**options, train_limit_per_class=1, limit_per_class=1, limit=2)
+    limited.setup("fit")
+    assert limited.train_dataset.samples == first_per_class(train, 1)
+    assert limited.eval_dataset.samples == first_per_class(held, 1)[:2]
+
+
+def test_holdout_errors_name_the_setting_the_class_and_what_is_valid(tmp_path):
+    make_classes(tmp_path / "train")
+    with pytest.raises(ValueError, match=r"data\.holdout_per_class must be >= 1, got 0"):
+        ImageDataModule(train_root=str(tmp_path / "train"), holdout_per_class=0)
+    with pytest.raises(ValueError, match=r"data\.holdout_per_class .*set data\.train_root"):
+        ImageDataModule(root=str(tmp_path / "train"), holdout_per_class=2)
+    with pytest.raises(ValueError, match=r"data=embedded has none"):
+        EmbeddedDataModule(holdout_per_class=2)
+    data = ImageDataModule(train_root=str(tmp_path / "train"), holdout_per_class=5, num_workers=0)
+    with pytest.raises(ValueError, match=r"class n02102040 \(label 217\) has 5 image.*<= 4") as error:
+        data.setup("fit")
+    assert "n01440764" not in str(error.value)  # 7 images: enough
+    with pytest.raises(ValueError, match=r"n02102040 \(label 217\) has 5; class n01440764 \(label 0\) has 7"):
+        holdout_split(folder_samples(tmp_path / "train")[0], 8, tmp_path / "train")
+
+
+def test_holdout_of_a_train_list_splits_the_listed_images_only(tmp_path):
+    make_classes(tmp_path / "train")
+    listing = tmp_path / "train.txt"
+    lines = [
+        f"{wnid}/img_{i:02d}.png {label}" for wnid, label in (("n01440764", 0), ("n02102040", 1)) for i in range(4)
+    ]
+    listing.write_text("\n".join([*lines, lines[0]]) + "\n")  # one image listed twice
+    data = ImageDataModule(train_root=str(tmp_path / "train"), train_list=str(listing), holdout_per_class=2,
+                           num_workers=0, resize_size=8, crop_size=8)  # fmt: skip
+    data.setup("fit")
+    train = relative(data.train_dataset.samples, tmp_path / "train")
+    held = relative(data.eval_dataset.samples, tmp_path / "train")
+    assert not set(train) & set(held) and len(set(held)) == 4 and len(train) + len(held) == 9
+    assert sorted(label for _, label in set(held)) == [0, 0, 1, 1]
+    assert all(name.startswith(("n01440764/img_0", "n02102040/img_0")) for name, _ in train + held)

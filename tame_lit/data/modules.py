@@ -4,6 +4,7 @@ TAME list files, and the embedded sample photos for a first run.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import lightning as L
@@ -13,7 +14,16 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tame_lit.data.imagenet import BoxSource
 from tame_lit.data.images import ImageDataset, collate, eval_transform, train_transform
 from tame_lit.data.sampler import EvenlySplitSampler
-from tame_lit.data.sources import Sample, embedded_samples, first_per_class, folder_samples, list_samples
+from tame_lit.data.sources import (
+    Sample,
+    embedded_samples,
+    first_per_class,
+    folder_samples,
+    holdout_split,
+    list_samples,
+)
+
+log = logging.getLogger(__name__)
 
 
 def _at_least_one(value: object, key: str) -> int:
@@ -30,8 +40,13 @@ class ImageDataModule(L.LightningDataModule):
     arrangement) or, with ``list_file``, the folder its ``path label`` lines are relative to; ``limit`` keeps
     the first N images in folder/list order, ``limit_per_class`` the first N of each class (a class-balanced
     subset; applied before ``limit``). ``train_root``/``train_list``/``train_limit``/``train_limit_per_class``:
-    the same for the training images. ``boxes_dir``: bounding boxes of the ``root`` images (ImageNet
-    validation XML), for the pointing games. ``eval_batch_size`` defaults to ``batch_size``.
+    the same for the training images. ``holdout_per_class``: N images of each class of ``train_root`` (or
+    ``train_list``) held out of training and evaluated on instead of ``root``/``list_file`` (then ignored): a
+    validation split for hyperparameter search that never sees the images finally reported on; the N are
+    chosen by a hash of each path relative to ``train_root`` (``sources.holdout_split``). The split comes
+    first, then each side's ``*limit_per_class``, then its ``*limit``. ``boxes_dir``: bounding boxes of the
+    evaluated images (ImageNet validation XML), for the pointing games. ``eval_batch_size`` defaults to
+    ``batch_size``.
     """
 
     def __init__(
@@ -44,6 +59,7 @@ class ImageDataModule(L.LightningDataModule):
         train_limit: int | None = None,
         limit_per_class: int | None = None,
         train_limit_per_class: int | None = None,
+        holdout_per_class: int | None = None,
         boxes_dir: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -54,7 +70,15 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
+        if holdout_per_class is not None:
+            _at_least_one(holdout_per_class, "data.holdout_per_class")
+            if train_root is None:
+                raise ValueError(
+                    "data.holdout_per_class holds images out of the training folder: set data.train_root "
+                    "(and data.train_list for a list file)"
+                )
         self.save_hyperparameters(logger=False)
+        self._split: tuple[list[Sample], list[Sample]] | None = None
         self.train_dataset: Dataset | None = None
         self.eval_dataset: Dataset | None = None
         self.class_names: list[str] | None = None
@@ -71,12 +95,29 @@ class ImageDataModule(L.LightningDataModule):
         if list_file is not None:
             return list_samples(folder, list_file)
         samples, classes = folder_samples(folder, self.hparams.class_index)
-        if not train:
-            self.class_names = classes
+        if not train or self.hparams.holdout_per_class is not None:
+            self.class_names = classes  # the evaluated images' classes: the training folder's with a holdout
         return samples
 
+    def _holdout(self) -> tuple[list[Sample], list[Sample]]:
+        """``(train, held_out)`` of the training images (``data.holdout_per_class``), computed once."""
+        if self._split is None:
+            per_class, root = self.hparams.holdout_per_class, self.hparams.train_root
+            self._split = holdout_split(self._samples("train"), per_class, root)
+            ignored = [f"data.{key}" for key in ("root", "list_file") if self.hparams[key] is not None]
+            log.info(
+                "data.holdout_per_class=%d: %d images held out of %s to evaluate on, the other %d to train on (before "
+                "the limits)%s",
+                per_class, len(self._split[1]), self.hparams.train_list or root, len(self._split[0]),
+                f" ({' and '.join(ignored)} ignored)" if ignored else "",
+            )  # fmt: skip
+        return self._split
+
     def _dataset(self, split: str, transform: Callable) -> Dataset | None:
-        samples = self._samples(split)
+        if self.hparams.holdout_per_class is not None:
+            samples = self._holdout()[0 if split == "train" else 1]
+        else:
+            samples = self._samples(split)
         if samples is None:
             return None
         prefix = "train_" if split == "train" else ""
@@ -145,6 +186,11 @@ class EmbeddedDataModule(ImageDataModule):
     """
 
     def __init__(self, repeats: int = 4, **kwargs: object) -> None:
+        if kwargs.get("holdout_per_class") is not None:
+            raise ValueError(
+                "data.holdout_per_class needs a training folder to hold images out of; data=embedded has none "
+                "(use data=folder with data.train_root, or data=imagenette)"
+            )
         super().__init__(**kwargs)
         self.repeats = int(repeats)
 

@@ -1,9 +1,10 @@
 """Where samples come from: ``(path, label)`` lists built from ImageFolder trees, TAME/L-CAM list files or
-the photos embedded in scikit-image and matplotlib, and a class-balanced subset of them.
+the photos embedded in scikit-image and matplotlib, a class-balanced subset of them, and a held-out split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,3 +116,57 @@ def first_per_class(samples: Sequence[Sample], count: int) -> list[Sample]:
         if seen[label] <= count:
             kept.append((path, label))
     return kept
+
+
+def _relative_key(path: str, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` as a posix string: the same on every machine and under any prefix."""
+    return Path(os.path.relpath(path, Path(root).expanduser())).as_posix()
+
+
+def holdout_split(
+    samples: Sequence[Sample], per_class: int, root: str | os.PathLike
+) -> tuple[list[Sample], list[Sample]]:
+    """Split ``samples`` into ``(train, held_out)``: ``per_class`` images of each label held out, the rest kept.
+
+    Deterministic and machine-independent, and not the first files of a class (file order often follows the
+    source): within each label, images are ordered by the SHA-1 of their path relative to ``root`` (posix
+    form; ties broken by that path) and the first ``per_class`` are held out. A path listed more than once
+    lands, every time, on one side, so the two sides never share an image. Both sides keep the input order.
+    Raises ``ValueError`` when ``per_class < 1`` or a label has ``per_class`` images or fewer (training
+    would lose that class), naming each such class, its count and the largest valid value.
+    """
+    if int(per_class) < 1:
+        raise ValueError(f"data.holdout_per_class must be >= 1, got {per_class}")
+    per_class = int(per_class)
+    keys: dict[str, str] = {}  # path -> relative posix path
+    by_label: dict[int, set[str]] = {}
+    for path, label in samples:
+        if path not in keys:
+            keys[path] = _relative_key(path, root)
+        by_label.setdefault(label, set()).add(keys[path])
+    too_small = {label: relatives for label, relatives in by_label.items() if len(relatives) <= per_class}
+    if too_small:
+        smallest = min(len(relatives) for relatives in by_label.values())
+        named = []
+        for label, relatives in sorted(too_small.items(), key=lambda item: (len(item[1]), item[0]))[:5]:
+            folders = {relative.split("/", 1)[0] for relative in relatives if "/" in relative}
+            folder = f"{folders.pop()} " if len(folders) == 1 else ""
+            named.append(f"class {folder}(label {label}) has {len(relatives)}")
+        more = f" and {len(too_small) - 5} more" if len(too_small) > 5 else ""
+        valid = (
+            f"use data.holdout_per_class <= {smallest - 1}"
+            if smallest > 1
+            else "no value works while a class has a single image"
+        )
+        raise ValueError(
+            f"data.holdout_per_class={per_class} would hold out every training image of some classes in {root}: "
+            f"{'; '.join(named)}{more} image(s); each class needs more images than are held out ({valid}, "
+            "or remove those classes from the training folder)"
+        )
+    held: set[str] = set()
+    for relatives in by_label.values():
+        ordered = sorted(relatives, key=lambda relative: (hashlib.sha1(relative.encode()).hexdigest(), relative))
+        held.update(ordered[:per_class])
+    train = [(path, label) for path, label in samples if keys[path] not in held]
+    held_out = [(path, label) for path, label in samples if keys[path] in held]
+    return train, held_out
