@@ -31,6 +31,7 @@ DATA_KEYS_TO_CITE = (
     "list_file",
     "limit",
     "limit_per_class",
+    "holdout_per_class",
     "boxes_dir",
     "resize_size",
     "crop_size",
@@ -121,14 +122,20 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     module = None
     with finishing(loggers):
         if built:
-            module = EvaluationModule(backbone, built, metric_options, shared, grid_images=int(cfg.grid_images))
+            module = EvaluationModule(
+                backbone, built, metric_options, shared, grid_images=int(cfg.grid_images), compare_to=cfg.compare_to,
+                confidence=float(cfg.confidence), resamples=int(cfg.resamples),
+            )  # fmt: skip
             trainer.test(module, datamodule=datamodule, verbose=False)
             results = module.results
             failures.update(module.summary["failed"])
         if trainer.is_global_zero:
             _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failures)
             if results:
-                print_table(results, module.columns, f"{backbone.name}: {len(results)} explainers")
+                print_table(
+                    results, module.columns, f"{backbone.name}: {len(results)} explainers",
+                    module.summary.get("statistics"),
+                )  # fmt: skip
             log.info("evaluation written to %s", run_dir.resolve())
             _log_results(loggers, results, module, run_dir)
     if failures:
@@ -155,10 +162,7 @@ def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failure
             "fingerprint": backbone.fingerprint(),
             "cam_layer": backbone.cam_layer,
         },
-        "data": {
-            "name": str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1],
-            **{k: v for k, v in data_cfg.items() if k in DATA_KEYS_TO_CITE},
-        },
+        "data": _cited_data(data_cfg),
         "images": images,
         "precision": str(trainer.precision),
         "processes": trainer.world_size,
@@ -187,6 +191,17 @@ def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failure
         titles,
         module.per_image if module else None,
     )
+
+
+def _cited_data(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The data settings that decide which images were scored: with a holdout, the training folder (or list)
+    the held-out images come from, not the ignored ``root``."""
+    cited = {k: v for k, v in data_cfg.items() if k in DATA_KEYS_TO_CITE}
+    if data_cfg.get("holdout_per_class") is not None:
+        cited.pop("root", None)
+        cited.pop("list_file", None)
+        cited.update({k: data_cfg.get(k) for k in ("train_root", "train_list") if data_cfg.get(k) is not None})
+    return {"name": str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1], **cited}
 
 
 def _class_names(backbone: backbones.Backbone, datamodule: Any) -> list[str] | None:

@@ -111,6 +111,13 @@ def test_cli_writes_every_output_with_boxes_and_wandb_offline(tmp_path):
         assert 0 <= row["AD@15"] <= 100 and 0 <= row["deletion_auc"] <= 1 and 0 <= row["road_morf"] <= 1
         assert {"road_morf@25", "road_lerf@75", "pointing_game", "energy_pointing_game"} <= set(row)
         assert row["pointing_images"] == 6  # every image has a box of whatever class it is explained for
+        assert row["AD@15_ci_low"] <= row["AD@15"] <= row["AD@15_ci_high"]  # intervals from per-image values
+        assert 0 <= row["IC@15_ci_low"] <= row["IC@15"] <= row["IC@15_ci_high"] <= 100  # Wilson: a share
+    # the paired comparison with the default reference (gradcam): only of the others, in metrics.json
+    random, gradcam = metrics["random"], metrics["gradcam"]
+    assert {"deletion_auc_vs_gradcam", "deletion_auc_vs_gradcam_p", "AD@15_vs_gradcam_outcome"} <= set(random)
+    assert random["AD@15_vs_gradcam"] == pytest.approx(random["AD@15"] - gradcam["AD@15"])
+    assert not any("_vs_" in key for key in metrics["gradcam"])
     curves = json.loads((run_dir / "curves.json").read_text())
     assert len(curves["gradcam"]["deletion"]["y"]) == 5  # 4 steps + the clean image
     assert curves["gradcam"]["deletion"]["x"] == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -119,9 +126,12 @@ def test_cli_writes_every_output_with_boxes_and_wandb_offline(tmp_path):
         assert len(handle.read().strip().splitlines()) == 3
     report = (run_dir / "report.md").read_text()
     assert "| explainer | mean rank" in report and "![heatmaps.png](heatmaps.png)" in report
+    assert "## 95 % confidence intervals" in report and "## Paired comparison with gradcam" in report
+    assert "vs gradcam W/T/L" in report and "| gradcam |" in report
     for name in ("heatmaps.png", "deletion.png", "insertion.png", "road.png"):
         assert (run_dir / name).stat().st_size > 1000, name
     assert "gradcam" in result.stdout and "Deletion" in result.stdout  # the table in the terminal
+    assert "W/T/L" in result.stdout and "reference" in result.stdout
     offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert offline and offline[0].stat().st_size > 0
 
@@ -163,16 +173,25 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",
     ]
-    results = []
+    results, per_image = [], []
     for name, extra in (("one", []), ("two", ["trainer=ddp", "trainer.devices=2"])):
         cwd = tmp_path / name
         cwd.mkdir()
         result = run_cli([*common, *extra], cwd=cwd, script="evaluate.py", timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         results.append(json.loads((run_dir_of(cwd) / "metrics.json").read_text()))
+        with open(run_dir_of(cwd) / "per_image.csv") as handle:
+            rows = csv.DictReader(handle)
+            per_image.append(sorted((r["explainer"], r["key"], int(r["index"]), float(r["value"])) for r in rows))
         if name == "two":
             assert (run_dir_of(cwd) / "evaluate_ddp_process_1.log").is_file() or "rank: 1" in result.stderr
     assert results[1]["gradcam"]["images"] == 7  # every image once: no padding by the distributed sampler
+    # the same per-image values, hence the same intervals and paired comparisons (compared within 1e-6 above)
+    assert len(per_image[0]) == len(per_image[1]) == 2 * 7 * 16  # 2 explainers, 7 images, 16 per-image keys
+    for mine, theirs in zip(per_image[0], per_image[1], strict=True):
+        assert mine[:3] == theirs[:3] and math.isclose(mine[3], theirs[3], abs_tol=1e-6), mine
+    assert {"AD@15_ci_low", "road_morf_ci_high"} <= set(results[1]["gradcam"])
+    assert {"AD@15_vs_gradcam_ci_low", "insertion_auc_vs_gradcam_p"} <= set(results[1]["random"])
     assert_close_results(results[0], results[1], 1e-6)
 
 
@@ -381,12 +400,16 @@ def test_a_registered_metric_reaches_every_output_without_editing_the_evaluation
     run_dir = tmp_path / "run"
     written = json.loads((run_dir / "metrics.json").read_text())
     assert written == json.loads(json.dumps(results))
+    scored = ("AD@50", "IC@50", "map_mass")  # each gets its interval, and a paired comparison with gradcam
+    intervals = {f"{key}_ci_{side}" for key in scored for side in ("low", "high")}
+    compared = {f"{key}_vs_gradcam{part}" for key in scored for part in ("", "_ci_low", "_ci_high", "_p", "_outcome")}
+    assert set(written["gradcam"]) == {*scored, "images", "seconds_per_image", *intervals}
+    assert set(written["random"]) == {*scored, "images", "seconds_per_image", *intervals, *compared}
     for name in ("gradcam", "random"):
-        assert set(written[name]) == {"AD@50", "IC@50", "map_mass", "images", "seconds_per_image"}
         assert 0 < written[name]["map_mass"] <= 2.0
     with open(run_dir / "metrics.csv") as handle:
         header = handle.readline().strip().split(",")
-    assert header[:4] == ["explainer", "AD@50", "IC@50", "map_mass"]
+    assert header[:4] == ["explainer", "AD@50", "IC@50", "map_mass"] and "map_mass_ci_low" in header
     report = (run_dir / "report.md").read_text()
     assert "Map mass ↓" in report and "rank over Map mass (" in report  # AD@50 is not ranked by default
     assert "Map mass" in capsys.readouterr().out  # the terminal table
@@ -399,3 +422,12 @@ def test_a_registered_metric_reaches_every_output_without_editing_the_evaluation
         values = {int(row["index"]): float(row["value"]) for row in rows if row["explainer"] == name}
         assert sorted(values) == [0, 1, 2]
         assert sum(values.values()) / 3 == pytest.approx(written[name]["map_mass"], abs=1e-9)
+
+
+def test_a_holdout_evaluation_cites_the_training_folder_not_the_ignored_root():
+    from tame_lit.evaluate import _cited_data
+
+    data = {"_target_": "tame_lit.data.ImageDataModule", "root": "val", "train_root": "train", "limit": 4}
+    assert _cited_data(data) == {"name": "ImageDataModule", "root": "val", "limit": 4}
+    held_out = _cited_data({**data, "holdout_per_class": 50})
+    assert held_out == {"name": "ImageDataModule", "train_root": "train", "holdout_per_class": 50, "limit": 4}
