@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tame_lit import backbones, heads
+from tame_lit import backbones, explainers, heads
+from tame_lit.explainers import HeadExplainer
 from tame_lit.heads import TameHead, select_classes
 from tame_lit.heads.base import class_maps, resize
+from tame_lit.maps import normalize
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
 
@@ -137,3 +140,101 @@ def test_each_variant_trains_for_a_few_steps(variant):
         losses.append(terms["loss"].item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def cam_logits(backbone: backbones.Backbone, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Classic CAM of every class, W A + b, bilinearly resized to ``size``."""
+    linear = backbone.linear_classifier()
+    cam = F.conv2d(features, linear.weight[:, :, None, None], linear.bias)
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def resnet50() -> backbones.Backbone:
+    """ResNet-50 with random weights, shared by the heads' tests (its layer shapes are cached)."""
+    torch.manual_seed(0)
+    return backbones.create("resnet50", weights=None)
+
+
+@pytest.mark.parametrize("head_name", ["sacam", "tame"])
+@pytest.mark.parametrize("name", ["resnet50", pytest.param("lite0", marks=pytest.mark.real)])
+def test_the_untrained_head_started_from_the_classifier_is_cam(name, head_name, request):
+    """init_from_classifier (SA-CAM: gamma = 0; TAME: branches relu(x + 0)): the head's map is CAM within 1e-5
+    (ResNet-50 random weights, Lite0 real ones), in eval and train mode, for the default layers (CAM resized to
+    28 x 28) and for the CAM layer alone (explainer maps)."""
+    torch.manual_seed(0)
+    backbone = request.getfixturevalue(name)
+    images = torch.rand(2, 3, 224, 224)
+    head = heads.create(head_name, backbone, init_from_classifier=True).eval()
+    assert head.layers[-1] == backbone.cam_layer
+    if head_name == "sacam":
+        assert all(g == 0 for g in head.gammas().values())
+    with torch.no_grad():
+        logits, features = backbone.features(images, head.layers)
+        maps = head(features)
+        train_maps = head.train()(features)  # batch statistics: BN with weight 0 still gives 0
+        cam = cam_logits(backbone, features[backbone.cam_layer], tuple(maps.shape[-2:]))
+    assert maps.shape[-2:] == (28, 28)
+    scale = cam.abs().amax().item()
+    assert (maps - cam).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert (train_maps - cam).abs().max().item() <= 1e-5 * max(1.0, scale)
+    top = logits.argmax(dim=1)
+    own = torch.arange(2)
+    assert (normalize(maps[own, top]) - normalize(cam[own, top])).abs().max().item() <= 1e-5
+
+    alone = heads.create(head_name, backbone, layers=[backbone.cam_layer], init_from_classifier=True)
+    head_maps = HeadExplainer(backbone, alone)(images)
+    cam_maps = explainers.create("cam", backbone)(images)
+    assert (head_maps - cam_maps).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["no_skip", "no_skip_no_bn", "sigmoid_in_branch"])
+def test_only_the_standard_tame_variant_starts_from_the_classifier(variant, tiny_backbone):
+    with pytest.raises(ValueError, match=rf"variant '{variant}' cannot start from the classifier.*only 'standard'"):
+        heads.create("tame", tiny_backbone, variant=variant, init_from_classifier=True)
+    assert heads.create("tame", tiny_backbone, variant=variant).variant == variant  # the default: no CAM start
+
+
+def test_tame_starts_from_the_classifier_only_on_layers_with_the_cam_layer(tiny_backbone):
+    with pytest.raises(ValueError, match=r"CAM layer 'layer4'.*\['layer2', 'layer3'\] do not include it: add 'layer4'"):
+        heads.create("tame", tiny_backbone, layers=["layer2", "layer3"], init_from_classifier=True)
+    plain = heads.create("tame", tiny_backbone)  # the default: TAME's own initialisation
+    assert plain.layers == tiny_backbone.default_layers and all(b.bn.weight.all() for b in plain.branches)
+    reordered = heads.create("tame", tiny_backbone, layers=["layer4", "layer2"], init_from_classifier=True)
+    linear = tiny_backbone.linear_classifier()
+    torch.testing.assert_close(reordered.fuser.weight[:, :96, 0, 0], linear.weight)  # the CAM layer comes first
+    assert not reordered.fuser.weight[:, 96:].any()
+    torch.testing.assert_close(reordered.fuser.bias, linear.bias)
+    assert all(not b.bn.weight.any() and not b.bn.bias.any() for b in reordered.branches)
+
+
+def test_a_tame_head_started_from_the_classifier_learns():
+    """The fusion and the CAM layer's BN weight get gradients at once (the BN weight is 0, the conv at its random
+    init); the other branches, which the fusion does not read yet, get theirs after one step, as does the CAM
+    layer's conv (its BN weight is no longer 0)."""
+    torch.manual_seed(0)
+    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame", "init_from_classifier": True})
+    head, backbone = module.head, module.backbone
+    images = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    module.train()
+
+    def backward() -> None:
+        head.zero_grad()
+        with torch.no_grad():
+            logits, features = backbone.features(images, head.layers)
+        terms, _ = module.masking_pass(images, features, logits.argmax(dim=1))
+        terms["loss"].backward()
+
+    backward()
+    cam = head.layers.index(backbone.cam_layer)
+    widths = [shape[0] for shape in head.layer_shapes.values()]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    assert all(head.fuser.weight.grad[:, s : s + w].abs().sum() > 0 for s, w in zip(starts, widths, strict=True))
+    assert head.fuser.bias.grad.abs().sum() > 0
+    bn_grads = [branch.bn.weight.grad.abs().sum().item() for branch in head.branches]
+    assert bn_grads[cam] > 0
+    assert all(grad == 0 for i, grad in enumerate(bn_grads) if i != cam), bn_grads
+    torch.optim.SGD(head.parameters(), lr=0.05).step()
+    backward()
+    assert all(branch.bn.weight.grad.abs().sum() > 0 for branch in head.branches)
+    assert head.branches[cam].conv.weight.grad.abs().sum() > 0  # its BN weight is no longer 0

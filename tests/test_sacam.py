@@ -1,4 +1,5 @@
-"""The SA-CAM head: its attention is the written formula, it starts as CAM, it trains, its memory is bounded."""
+"""The SA-CAM head: its attention is the written formula, it starts as CAM (the test is in test_heads.py, with
+TAME's), it trains, its memory is bounded."""
 
 from __future__ import annotations
 
@@ -10,12 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tame_lit import backbones, explainers, heads
+from tame_lit import backbones, heads
 from tame_lit.data import ImageDataModule
-from tame_lit.explainers import HeadExplainer
 from tame_lit.heads import SACAMHead
 from tame_lit.heads.sacam import SpatialSelfAttention
-from tame_lit.maps import normalize
 from tame_lit.system import peak_memory
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import masked_passes
@@ -58,40 +57,6 @@ def test_gamma_zero_leaves_the_features_unchanged_and_v_starts_as_the_identity()
         SpatialSelfAttention(24, value_init="eye")
 
 
-def cam_logits(backbone: backbones.Backbone, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Classic CAM of every class, W A + b, bilinearly resized to ``size``."""
-    linear = backbone.linear_classifier()
-    cam = F.conv2d(features, linear.weight[:, :, None, None], linear.bias)
-    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-
-
-@pytest.mark.parametrize("name", ["resnet50", pytest.param("efficientnet_lite0", marks=pytest.mark.real)])
-def test_the_untrained_head_started_from_the_classifier_is_cam(name, request):
-    """gamma = 0 and init_from_classifier: the head's map is CAM within 1e-5 (ResNet-50 random weights, Lite0
-    real ones), for the default layers (CAM resized to 28 x 28) and for the CAM layer alone (explainer maps)."""
-    torch.manual_seed(0)
-    real = name == "efficientnet_lite0"
-    backbone = request.getfixturevalue("lite0") if real else backbones.create(name, weights=None)
-    images = torch.rand(2, 3, 224, 224)
-    head = heads.create("sacam", backbone, init_from_classifier=True).eval()
-    assert head.layers[-1] == backbone.cam_layer and all(g == 0 for g in head.gammas().values())
-    with torch.no_grad():
-        logits, features = backbone.features(images, head.layers)
-        maps = head(features)
-        cam = cam_logits(backbone, features[backbone.cam_layer], tuple(maps.shape[-2:]))
-    assert maps.shape[-2:] == (28, 28)
-    scale = cam.abs().amax().item()
-    assert (maps - cam).abs().max().item() <= 1e-5 * max(1.0, scale)
-    top = logits.argmax(dim=1)
-    own = torch.arange(2)
-    assert (normalize(maps[own, top]) - normalize(cam[own, top])).abs().max().item() <= 1e-5
-
-    alone = heads.create("sacam", backbone, layers=[backbone.cam_layer], init_from_classifier=True)
-    head_maps = HeadExplainer(backbone, alone)(images)
-    cam_maps = explainers.create("cam", backbone)(images)
-    assert (head_maps - cam_maps).abs().max().item() <= 1e-5
-
-
 def test_a_classifier_start_needs_pooling_and_one_linear_layer():
     vgg = backbones.create("vgg16", weights=None, input_size=64)
     with pytest.raises(ValueError, match=r"vgg16 .*features\.29.*three FC layers"):
@@ -101,8 +66,12 @@ def test_a_classifier_start_needs_pooling_and_one_linear_layer():
     no_start = heads.create("sacam", vgg, init_from_classifier=False)
     assert no_start.layers == ("features.16", "features.23", "features.29")
     resnet = backbones.create("test_resnet", weights=None, num_classes=10, input_size=64)
-    with pytest.raises(ValueError, match=r"layer 'layer3'.*try layer 'layer4'"):
+    with pytest.raises(ValueError, match=r"layers \['layer2', 'layer3'\] do not include it: add 'layer4'"):
         heads.create("sacam", resnet, layers=["layer2", "layer3"], init_from_classifier=True)
+    reordered = heads.create("sacam", resnet, layers=["layer4", "layer2"], init_from_classifier=True)
+    linear = resnet.linear_classifier()
+    torch.testing.assert_close(reordered.fuser.weight[:, :96, 0, 0], linear.weight)  # the CAM layer comes first
+    assert not reordered.fuser.weight[:, 96:].any()
 
 
 def test_attention_goes_only_to_the_chosen_layers_and_unknown_ones_are_named():

@@ -15,7 +15,18 @@ from tame_lit.registry import Registry
 if TYPE_CHECKING:
     from tame_lit.backbones import Backbone
 
-__all__ = ["HEADS", "ExplanationHead", "class_maps", "common_size", "head_maps", "resize", "select_classes"]
+__all__ = [
+    "HEADS",
+    "ExplanationHead",
+    "cam_default_layers",
+    "class_maps",
+    "common_size",
+    "head_maps",
+    "resize",
+    "select_classes",
+    "start_from_cam",
+    "start_fuser_from_classifier",
+]
 
 
 class ExplanationHead(nn.Module):
@@ -47,6 +58,12 @@ class ExplanationHead(nn.Module):
 
     def forward(self, features: Mapping[str, Tensor], classes: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    def start_from_classifier(self, weight: Tensor, bias: Tensor | None, layer: str | None = None) -> None:
+        """Start from the linear classifier ``weight, bias`` on ``layer``'s global average (default: the last
+        layer), so that the untrained maps are that layer's CAM; ``start_from_cam`` calls it. Heads that can
+        (SA-CAM, standard TAME) override this."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start from the classifier")
 
     def check_features(self, features: Mapping[str, Tensor]) -> list[Tensor]:
         """The head's inputs in layer order, with a clear error when one is missing or has other channels."""
@@ -115,3 +132,54 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
 def common_size(inputs: Sequence[Tensor], max_size: int) -> tuple[int, int]:
     """Where multi-layer heads fuse: the first layer's size, each side capped at ``max_size`` (tame.md §1.2)."""
     return tuple(min(int(s), max_size) for s in inputs[0].shape[-2:])
+
+
+def cam_default_layers(backbone: Backbone) -> tuple[str, ...]:
+    """Where heads that start from CAM read by default: the backbone's default layers with the last replaced by
+    its CAM layer (the features its classifier pools), e.g. Lite0 ``blocks.2, blocks.4, bn2``."""
+    return tuple(dict.fromkeys((*backbone.default_layers[:-1], backbone.cam_layer)))
+
+
+def start_from_cam(head: ExplanationHead, backbone: Backbone) -> None:
+    """``init_from_classifier``: start ``head`` from ``backbone``'s classifier, so that its untrained maps are CAM.
+
+    The head must read the backbone's CAM layer (anywhere among its layers); the classifier is the linear layer
+    that turns that layer's global average into the logits (``Backbone.linear_classifier``, which refuses
+    networks without one, such as VGG's three FC layers). The head's own ``start_from_classifier(weight, bias,
+    layer)`` puts it in place (``start_fuser_from_classifier``, plus whatever makes its branches pass that
+    layer's features through unchanged).
+    """
+    layer = backbone.cam_layer
+    if layer not in head.layers:
+        raise ValueError(
+            f"init_from_classifier starts from the classifier on {backbone.name}'s CAM layer {layer!r}, but the "
+            f"head's layers {list(head.layers)} do not include it: add {layer!r} to the layers "
+            "(or pass init_from_classifier=False)"
+        )
+    linear = backbone.linear_classifier(layer)
+    head.start_from_classifier(linear.weight, linear.bias, layer)
+
+
+@torch.no_grad()
+def start_fuser_from_classifier(
+    fuser: nn.Conv2d, widths: Sequence[int], index: int, weight: Tensor, bias: Tensor | None
+) -> None:
+    """Fusion conv = the classifier's ``weight`` on the channels of input ``index`` and zeros on the others'
+    (``class_maps`` concatenates the inputs in order, ``widths[i]`` channels each), bias = the classifier's.
+
+    When input ``index`` reaches the fusion as the CAM layer's features A, the maps are
+    ``resize(W A + b)``: the CAM of every class (bilinear resizing and a 1x1 conv commute).
+    """
+    widths = [int(w) for w in widths]
+    if fuser.in_channels != sum(widths) or fuser.kernel_size != (1, 1):
+        raise ValueError(f"the fusion conv {fuser} does not read inputs of {widths} channels with a 1x1 kernel")
+    start, width = sum(widths[:index]), widths[index]
+    if tuple(weight.shape) != (fuser.out_channels, width):
+        raise ValueError(f"classifier weight {tuple(weight.shape)} does not fit [{fuser.out_channels}, {width}]")
+    fuser.weight.zero_()
+    fuser.weight[:, start : start + width, 0, 0] = weight.to(fuser.weight)
+    if fuser.bias is not None:
+        if bias is None:
+            fuser.bias.zero_()
+        else:
+            fuser.bias.copy_(bias)

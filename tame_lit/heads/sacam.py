@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tame_lit.heads.base import HEADS, ExplanationHead, class_maps, common_size
+from tame_lit.heads.base import (
+    HEADS,
+    ExplanationHead,
+    cam_default_layers,
+    class_maps,
+    common_size,
+    start_from_cam,
+    start_fuser_from_classifier,
+)
 
 if TYPE_CHECKING:
     from tame_lit.backbones import Backbone
@@ -132,29 +140,21 @@ class SACAMHead(ExplanationHead):
     ) -> SACAMHead:  # fmt: skip
         """Default layers: the backbone's default layers with the last replaced by its CAM layer (the
         features its classifier pools). ``init_from_classifier`` (default): start the fusion conv from that
-        classifier (zeros for the other layers), so the untrained map is CAM; needs global average pooling
-        and one linear layer after the last layer (ResNet, EfficientNet; not VGG: there pass False)."""
-        if not layers:
-            layers = tuple(dict.fromkeys((*backbone.default_layers[:-1], backbone.cam_layer)))
-        head = cls(backbone.layer_shapes(layers), backbone.num_classes, **options)
+        classifier (zeros for the other layers), so the untrained map is CAM; needs the CAM layer among the
+        layers, global average pooling and one linear layer after it (ResNet, EfficientNet; not VGG: there
+        pass False)."""
+        head = cls(backbone.layer_shapes(layers or cam_default_layers(backbone)), backbone.num_classes, **options)
         if init_from_classifier:
-            linear = backbone.linear_classifier(head.layers[-1])
-            head.start_from_classifier(linear.weight, linear.bias)
+            start_from_cam(head, backbone)
         return head
 
-    @torch.no_grad()
-    def start_from_classifier(self, weight: Tensor, bias: Tensor | None) -> None:
-        """Fusion conv = ``weight`` on the last layer's channels and zeros elsewhere: with ``gamma = 0``,
-        ``conv(concat(Up(A_l))) = Up(W A_last + b)``, the CAM (bilinear resizing and a 1x1 conv commute)."""
-        last = self.layer_shapes[self.layers[-1]][0]
-        if tuple(weight.shape) != (self.num_classes, last):
-            raise ValueError(f"classifier weight {tuple(weight.shape)} does not fit [{self.num_classes}, {last}]")
-        self.fuser.weight.zero_()
-        self.fuser.weight[:, -last:, 0, 0] = weight.to(self.fuser.weight)
-        if bias is None:
-            self.fuser.bias.zero_()
-        else:
-            self.fuser.bias.copy_(bias)
+    def start_from_classifier(self, weight: Tensor, bias: Tensor | None, layer: str | None = None) -> None:
+        """Fusion conv = ``weight`` on ``layer``'s channels (default: the last layer's) and zeros elsewhere: with
+        ``gamma = 0``, ``conv(concat(Up(A_l))) = Up(W A_layer + b)``, the CAM (bilinear resizing and a 1x1 conv
+        commute)."""
+        widths = [shape[0] for shape in self.layer_shapes.values()]
+        index = self.layers.index(layer) if layer is not None else len(widths) - 1
+        start_fuser_from_classifier(self.fuser, widths, index, weight, bias)
 
     def forward(self, features: Mapping[str, Tensor], classes: Tensor | None = None) -> Tensor:
         inputs = self.check_features(features)
