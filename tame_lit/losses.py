@@ -1,14 +1,21 @@
-"""TAME's masking objective: cross-entropy on the masked image plus area and smoothness of the masks."""
+"""TAME's masking objective: cross-entropy on the masked image plus area and smoothness of the masks, and
+optionally cross-entropy on the image masked by each map's top pixels only, as AD/IC@p masks it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MaskingLoss", "area_loss", "variation_loss"]
+from tame_lit.maps import keep_top, top_count
+from tame_lit.metrics.ad_ic import percent
+
+__all__ = ["KEPT_GRADIENTS", "MaskingLoss", "area_loss", "top_fraction_mask", "variation_loss"]
+
+KEPT_GRADIENTS = ("straight_through", "hard")
 
 
 def area_loss(masks: Tensor, exponent: float = 0.3, offset: float = 0.0005) -> Tensor:
@@ -33,13 +40,50 @@ def variation_loss(masks: Tensor, border: float = 0.3) -> Tensor:
     return (dx + dy + border * edges) / (2 * masks.shape[0])
 
 
+def top_fraction_mask(
+    maps: Tensor, fraction: float, gradient: str = "straight_through", temperature: float = 0.05
+) -> Tensor:
+    """The mask AD/IC@``fraction`` applies, for training: ``keep_top(maps, fraction)`` in float32 (each
+    ``[B, H, W]`` map's top ceil(fraction * H * W) pixels at their soft values, the rest 0).
+
+    ``gradient="hard"``: the gradient reaches only the kept pixels (through their soft values).
+    ``"straight_through"``: the forward values are the same, and the gradient is that of
+    ``maps * sigmoid((maps - q) / temperature)``, with q each map's smallest kept value (its (1 - fraction)
+    quantile, detached), so pixels just outside the kept set also learn whether they should enter it.
+    A fraction that keeps every pixel returns ``maps`` itself (plain gradient) in both modes.
+    """
+    if gradient not in KEPT_GRADIENTS:
+        raise ValueError(f"gradient must be one of {KEPT_GRADIENTS}, got {gradient!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    maps = maps.float()  # threshold and sigmoid in float32, also under bf16-mixed autocast
+    if gradient == "hard":
+        return keep_top(maps, fraction)
+    flat = maps.detach().flatten(1)
+    count = top_count(flat.shape[1], fraction)
+    if count >= flat.shape[1]:
+        return maps
+    with torch.no_grad():
+        hard = keep_top(maps, fraction)
+        threshold = flat.kthvalue(flat.shape[1] - count + 1, dim=1).values  # the count-th largest value
+    soft = maps * torch.sigmoid((maps - threshold.view(-1, *([1] * (maps.dim() - 1)))) / temperature)
+    return hard + (soft - soft.detach())  # forward exactly keep_top's values (soft - soft.detach() is 0)
+
+
 @dataclass
 class MaskingLoss:
-    """L = ce * CE(logits of masked image, labels) + area * Area(A) + variation * Var(A).
+    """L = ce * CE(logits of masked image, labels) + area * Area(A) + variation * Var(A)
+    [+ kept_ce * CE(logits of the image masked by each map's top p pixels, labels), for each p in ``kept``].
 
     ``selection`` picks the maps A the regularisers see: ``"batch"`` gives every image's maps of all the
     labels in the batch (B x B, as the original TAME code and T-TAME's ``masking="random"``),
     ``"diagonal"`` each image's map of its own label (B x 1).
+
+    ``kept``: fractions p of pixels in (0, 1]; each adds a term ``ce@<p in percent>`` (``ce@15``), the
+    cross-entropy of the image masked as AD/IC@p masks it (``top_fraction_mask``: the map's top p pixels at
+    their soft values, the rest black), weighted by ``kept_ce`` (default 1.5, the weight of ``ce``). Each
+    costs one more backbone pass (and its activations) per step. ``kept_gradient`` and ``kept_temperature``
+    choose how the gradient crosses the top-p threshold (``top_fraction_mask``). Empty: TAME's objective.
     """
 
     ce: float = 1.5
@@ -48,10 +92,34 @@ class MaskingLoss:
     area_exponent: float = 0.3
     border: float = 0.3
     selection: str = "batch"
+    kept: tuple[float, ...] = ()  # a tuple, not Sequence: OmegaConf's structured configs refuse Sequence
+    kept_ce: float = 1.5
+    kept_gradient: str = "straight_through"
+    kept_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         if self.selection not in ("batch", "diagonal"):
             raise ValueError(f"loss.selection must be 'batch' or 'diagonal', got {self.selection!r}")
+        kept = tuple(self.kept)
+        for fraction in kept:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+                raise ValueError(f"loss.kept must list fractions of pixels in (0, 1], got {fraction!r} in {list(kept)}")
+        self.kept = tuple(float(f) for f in kept)
+        names = self.kept_names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss.kept lists a fraction twice: {list(self.kept)}")
+        if self.kept_gradient not in KEPT_GRADIENTS:
+            raise ValueError(f"loss.kept_gradient must be one of {KEPT_GRADIENTS}, got {self.kept_gradient!r}")
+        if not self.kept_temperature > 0:
+            raise ValueError(f"loss.kept_temperature must be > 0, got {self.kept_temperature}")
+
+    def kept_names(self) -> list[str]:
+        """The terms' names, ``ce@<percent>`` for each fraction of ``kept`` (``ce@15``, ``ce@2.5``)."""
+        return [f"ce@{percent(f)}" for f in self.kept]
+
+    def kept_mask(self, own: Tensor, fraction: float) -> Tensor:
+        """The mask of the ``ce@<fraction>`` term from each image's upsampled map ``own`` [B, H, W]."""
+        return top_fraction_mask(own, fraction, self.kept_gradient, self.kept_temperature)
 
     def regularised_maps(self, masks: Tensor, label_columns: Tensor) -> Tensor:
         """``masks`` [B, K, h, w] (sigmoid maps of K classes); ``label_columns`` [B] each label's column."""
@@ -60,8 +128,16 @@ class MaskingLoss:
         return masks[torch.arange(masks.shape[0], device=masks.device), label_columns].unsqueeze(1)
 
     def __call__(
-        self, masked_logits: Tensor, labels: Tensor, masks: Tensor, label_columns: Tensor
+        self,
+        masked_logits: Tensor,
+        labels: Tensor,
+        masks: Tensor,
+        label_columns: Tensor,
+        kept_logits: Sequence[Tensor] = (),
     ) -> dict[str, Tensor]:
+        """``kept_logits``: the logits of the image masked by ``kept_mask`` at each fraction of ``kept``."""
+        if len(kept_logits) != len(self.kept):
+            raise ValueError(f"loss.kept={list(self.kept)} needs {len(self.kept)} kept logits, got {len(kept_logits)}")
         regularised = self.regularised_maps(masks, label_columns)
         terms = {
             "ce": self.ce * F.cross_entropy(masked_logits.float(), labels),
@@ -69,4 +145,7 @@ class MaskingLoss:
             "variation": self.variation * variation_loss(regularised, self.border),
         }
         terms["loss"] = terms["ce"] + terms["area"] + terms["variation"]
+        for name, logits in zip(self.kept_names(), kept_logits, strict=True):
+            terms[name] = self.kept_ce * F.cross_entropy(logits.float(), labels)
+            terms["loss"] = terms["loss"] + terms[name]
         return terms

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["keep_top", "normalize", "upsample"]
+__all__ = ["keep_top", "normalize", "top_count", "upsample"]
 
 
 def normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
@@ -29,16 +29,21 @@ def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
 
 
+def top_count(pixels: int, fraction: float) -> int:
+    """How many of ``pixels`` the top ``fraction`` is: ceil(fraction * pixels), robust to float rounding."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction of pixels to keep must be in (0, 1], got {fraction}")
+    return math.ceil(round(fraction * pixels, 6))
+
+
 def keep_top(maps: Tensor, fraction: float) -> Tensor:
     """Keep exactly ceil(fraction * h * w) highest pixels of each map with their soft values; zero the rest.
 
     Per image, so the batch size never changes the result (the original TAME threshold was batch-wide).
     Ties at the threshold are broken by position, so the count is always exact.
     """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction of pixels to keep must be in (0, 1], got {fraction}")
     flat = maps.flatten(1)
-    count = math.ceil(round(fraction * flat.shape[1], 6))
+    count = top_count(flat.shape[1], fraction)
     if count >= flat.shape[1]:
         return maps
     values, indices = flat.topk(count, dim=1, sorted=False)

@@ -2,7 +2,8 @@
 
 One step (tame.md §2.2): clean pass (hooks capture the head's layers; the label is the backbone's own
 top-1 unless ground truth is asked for) -> head -> sigmoid map of each image's label, upsampled -> mask the
-[0, 1] image -> second backbone pass -> CE + area + variation. Only the head is trained and checkpointed.
+[0, 1] image -> second backbone pass -> CE + area + variation (+ one pass and CE per fraction of ``loss.kept``,
+on the image masked by the map's top pixels). Only the head is trained and checkpointed.
 """
 
 from __future__ import annotations
@@ -106,12 +107,19 @@ class HeadTrainingModule(L.LightningModule):
         return dataset_labels
 
     def masking_pass(self, images: Tensor, features: dict[str, Tensor], labels: Tensor) -> tuple[dict, Tensor]:
-        """Loss terms and the masked image's logits, computing only the maps of the batch's labels."""
+        """Loss terms and the masked image's logits, computing only the maps of the batch's labels.
+
+        With ``loss.kept``, one more backbone pass per fraction p, on the image masked by each map's top p
+        pixels (``MaskingLoss.kept_mask``), gives the terms ``ce@<p>``."""
         classes, columns = torch.unique(labels, return_inverse=True)
         masks = torch.sigmoid(self.head(features, classes).float())  # [B, U, h, w]
         own = upsample(select_classes(masks, classes, labels), images.shape[-2:])
         masked_logits = self.backbone(images * own.unsqueeze(1).to(images.dtype))
-        return self.objective(masked_logits, labels, masks, columns), masked_logits
+        kept_logits = [
+            self.backbone(images * self.objective.kept_mask(own, fraction).unsqueeze(1).to(images.dtype))
+            for fraction in self.objective.kept
+        ]
+        return self.objective(masked_logits, labels, masks, columns, kept_logits), masked_logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         images = batch["images"]

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from tame_lit.losses import MaskingLoss, area_loss, variation_loss
+from tame_lit.losses import MaskingLoss, area_loss, top_fraction_mask, variation_loss
+from tame_lit.maps import keep_top
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
 
@@ -66,3 +69,174 @@ def test_label_maps_only_give_the_loss_of_all_class_maps(selection):
         + 0.01 * variation_loss(regularised)
     )
     torch.testing.assert_close(terms["loss"], expected)
+
+
+# ---- kept terms: cross-entropy on the image masked as AD/IC@p masks it ------------------------------------------
+
+# a hand-made 1x4x4 map with 16 distinct values; its 4 largest (p = 0.25) are 0.95, 0.9, 0.85, 0.8
+HAND_MAP = torch.tensor(
+    [
+        [
+            [0.10, 0.95, 0.20, 0.30],
+            [0.80, 0.05, 0.60, 0.15],
+            [0.25, 0.70, 0.90, 0.35],
+            [0.40, 0.45, 0.85, 0.50],
+        ]
+    ]
+)
+
+
+@pytest.mark.parametrize("gradient", ["straight_through", "hard"])
+def test_top_fraction_mask_forward_is_what_ad_ic_keeps(gradient):
+    own, q = HAND_MAP.clone(), 0.80  # q: the 4th largest value, the (1 - 0.25) quantile, by hand
+    expected = own * (own >= q)
+    assert int((expected > 0).sum()) == 4
+    mask = top_fraction_mask(own.requires_grad_(), 0.25, gradient)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask.detach(), expected)  # bit-exact, not close
+    assert torch.equal(mask.detach(), keep_top(HAND_MAP, 0.25))
+    # 15 % of 16 pixels: ceil(2.4) = 3 kept, the threshold is the 3rd largest value
+    three = top_fraction_mask(HAND_MAP, 0.15, gradient)
+    assert torch.equal(three, HAND_MAP * (HAND_MAP >= 0.85))
+    assert torch.equal(three, keep_top(HAND_MAP, 0.15))
+
+
+def test_top_fraction_mask_breaks_ties_as_keep_top():
+    """Saturated maps tie at 1.0: the mask keeps exactly keep_top's ceil(p * HW) pixels, not every tie."""
+    maps = torch.tensor([[[1.0, 1.0, 1.0, 0.2], [1.0, 0.5, 0.1, 0.3]]])  # 4 ties at the top, keep 2 of 8
+    for gradient in ("straight_through", "hard"):
+        mask = top_fraction_mask(maps, 0.25, gradient)
+        assert torch.equal(mask, keep_top(maps, 0.25)) and int(mask.count_nonzero()) == 2
+
+
+def test_straight_through_gradient_is_that_of_the_sigmoid_relaxation():
+    temperature = 0.05
+    own = HAND_MAP.clone().requires_grad_()
+    weights = torch.linspace(-1.0, 2.0, 16).view(1, 4, 4)  # an arbitrary upstream gradient
+    (top_fraction_mask(own, 0.25, "straight_through", temperature) * weights).sum().backward()
+
+    # analytic: d/dx [x * sigmoid((x - q) / T)] = s + x * s * (1 - s) / T, with q = 0.8 held fixed
+    s = torch.sigmoid((HAND_MAP - 0.80) / temperature)
+    torch.testing.assert_close(own.grad, weights * (s + HAND_MAP * s * (1 - s) / temperature))
+    # and a separate autograd of the soft formula
+    soft_own = HAND_MAP.clone().requires_grad_()
+    (soft_own * torch.sigmoid((soft_own - 0.80) / temperature) * weights).sum().backward()
+    torch.testing.assert_close(own.grad, soft_own.grad)
+    outside = HAND_MAP < 0.80
+    assert (own.grad[outside] != 0).all()  # pixels outside the top set get a signal to enter it
+
+
+def test_hard_gradient_reaches_only_the_kept_pixels():
+    own = HAND_MAP.clone().requires_grad_()
+    weights = torch.linspace(-1.0, 2.0, 16).view(1, 4, 4)
+    (top_fraction_mask(own, 0.25, "hard") * weights).sum().backward()
+    torch.testing.assert_close(own.grad, weights * (HAND_MAP >= 0.80))
+    assert (own.grad[HAND_MAP < 0.80] == 0).all()
+
+
+@pytest.mark.parametrize("gradient", ["straight_through", "hard"])
+def test_keeping_every_pixel_is_the_plain_mask(gradient):
+    own = torch.rand(2, 5, 5, requires_grad=True)
+    mask = top_fraction_mask(own, 1.0, gradient)
+    assert torch.equal(mask, own)
+    mask.sum().backward()
+    assert torch.equal(own.grad, torch.ones_like(own))
+
+
+def test_top_fraction_mask_is_float32_per_image_under_bf16_autocast():
+    maps = torch.rand(3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask = top_fraction_mask(maps.bfloat16().float().requires_grad_(), 0.15)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask.detach(), keep_top(maps.bfloat16().float(), 0.15))
+    assert (mask.detach().flatten(1).count_nonzero(dim=1) == math.ceil(0.15 * 64)).all()
+
+
+def test_loss_with_kept_terms_by_hand():
+    loss = MaskingLoss(ce=1.5, area=2.0, variation=0.01, kept=[0.5, 0.15], kept_ce=0.7)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    kept_50 = torch.tensor([[1.0, 0.5], [0.2, 0.1]])
+    kept_15 = torch.tensor([[0.0, 3.0], [-1.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    masks = torch.full((2, 2, 2, 2), 0.5)
+    terms = loss(logits, labels, masks, labels, [kept_50, kept_15])
+
+    def ce(z):  # CE by hand: mean over the batch of log-sum-exp - the label's logit
+        rows = zip(z.tolist(), [0, 1], strict=True)
+        return sum(math.log(math.exp(row[0]) + math.exp(row[1])) - row[y] for row, y in rows) / 2
+
+    area = 0.5005**0.3
+    # constant 2x2 maps, B x B = 4 of them: no differences; 8 border values of 0.5^2 each per map
+    variation = (0 + 0 + 0.3 * 4 * 8 * 0.25) / (2 * 2)
+    assert list(terms) == ["ce", "area", "variation", "loss", "ce@50", "ce@15"]
+    assert terms["ce@50"].item() == pytest.approx(0.7 * ce(kept_50))
+    assert terms["ce@15"].item() == pytest.approx(0.7 * ce(kept_15))
+    expected = 1.5 * ce(logits) + 0.7 * ce(kept_50) + 0.7 * ce(kept_15) + 2.0 * area + 0.01 * variation
+    assert terms["loss"].item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="needs 2 kept logits, got 1"):
+        loss(logits, labels, masks, labels, [kept_50])
+
+
+def test_no_kept_fraction_is_exactly_the_old_objective():
+    torch.manual_seed(0)
+    logits, labels, masks = torch.randn(3, 4), torch.tensor([0, 3, 0]), torch.rand(3, 2, 6, 6)
+    columns = torch.tensor([0, 1, 0])
+    for loss in (MaskingLoss(), MaskingLoss(kept=())):
+        terms = loss(logits, labels, masks, columns)
+        regularised = masks[:, columns]
+        old = {
+            "ce": 1.5 * torch.nn.functional.cross_entropy(logits.float(), labels),
+            "area": 2.0 * area_loss(regularised, 0.3),
+            "variation": 0.01 * variation_loss(regularised, 0.3),
+        }
+        old["loss"] = old["ce"] + old["area"] + old["variation"]
+        assert list(terms) == list(old)
+        for key, value in old.items():
+            assert torch.equal(terms[key], value), key
+
+
+def test_masking_pass_runs_one_backbone_pass_per_kept_fraction():
+    calls = []
+    for kept in ((), (0.5, 0.15)):
+        torch.manual_seed(0)
+        module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, loss={"kept": kept})
+        images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
+        _, features = module.backbone.features(images, module.head.layers)
+        forward = module.backbone.forward
+        count = [0]
+
+        def counting(x, forward=forward, count=count):
+            count[0] += 1
+            return forward(x)
+
+        module.backbone.forward = counting
+        terms, _ = module.masking_pass(images, features, labels)
+        calls.append(count[0])
+        terms["loss"].backward()
+        assert all(p.grad is not None for p in module.head.parameters() if p.requires_grad)
+        if kept:
+            assert {"ce@50", "ce@15"} <= set(terms)
+            expected = terms["ce"] + terms["area"] + terms["variation"] + terms["ce@50"] + terms["ce@15"]
+            torch.testing.assert_close(terms["loss"], expected)
+            own = torch.nn.functional.interpolate(
+                torch.sigmoid(module.head(features))[torch.arange(2), labels][:, None], size=(64, 64),
+                mode="bilinear", align_corners=False,
+            )[:, 0]  # fmt: skip
+            ce15 = torch.nn.functional.cross_entropy(forward(images * keep_top(own, 0.15)[:, None]), labels)
+            torch.testing.assert_close(terms["ce@15"], 1.5 * ce15)
+    assert calls == [1, 3]  # no extra pass without kept fractions
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kept": [0.5, 0.0]}, r"loss\.kept .*\(0, 1\], got 0\.0"),
+        ({"kept": [1.5]}, r"loss\.kept .*\(0, 1\], got 1\.5"),
+        ({"kept": [0.15, 0.15]}, r"loss\.kept lists a fraction twice"),
+        ({"kept_gradient": "soft"}, r"loss\.kept_gradient .*'soft'"),
+        ({"kept_temperature": 0.0}, r"loss\.kept_temperature must be > 0"),
+    ],
+)
+def test_kept_options_are_validated(options, message):
+    with pytest.raises(ValueError, match=message):
+        MaskingLoss(**options)

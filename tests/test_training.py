@@ -9,6 +9,7 @@ import torch
 from tame_lit.data import EmbeddedDataModule, ImageDataModule
 from tame_lit.explainers import HeadExplainer
 from tame_lit.features import count_hooks
+from tame_lit.losses import MaskingLoss
 from tame_lit.train import train
 from tame_lit.training import HeadTrainingModule, IncompatibleCheckpointError
 from tests.helpers import TINY_BACKBONE, TINY_OVERRIDES, compose_train, masked_passes, read_csv_metrics
@@ -143,12 +144,14 @@ def test_resuming_with_another_head_variant_is_refused(tmp_path):
         train(compose_train([*RUN, "head.variant=no_skip", f"ckpt_path={last}"], tmp_path / "b"))
 
 
-@pytest.mark.parametrize("head", ["tame", "sacam"])
-def test_bf16_mixed_precision_on_cpu(head, tmp_path):
-    overrides = [*RUN, f"head={head}", "trainer.precision=bf16-mixed", "trainer.max_steps=3"]
+@pytest.mark.parametrize(("head", "kept"), [("tame", "[0.5,0.15]"), ("sacam", "[]")])
+def test_bf16_mixed_precision_on_cpu(head, kept, tmp_path):
+    overrides = [*RUN, f"head={head}", f"loss.kept={kept}", "trainer.precision=bf16-mixed", "trainer.max_steps=3"]
     metrics = train(compose_train(overrides, tmp_path))
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/AD@15"])
     assert 0 <= metrics["val/AD@15"] <= 100
+    if kept != "[]":  # the top-p masks' threshold runs in float32 under autocast
+        assert math.isfinite(metrics["train/ce@15"]) and math.isfinite(metrics["val/ce@50"])
 
 
 @pytest.mark.real
@@ -212,3 +215,26 @@ def test_a_checkpoint_loads_as_an_explainer(tmp_path):
     torch.testing.assert_close(explainer(images, targets), module.explain(images, targets))
     with pytest.raises(FileNotFoundError, match=r"nothing\.ckpt"):
         tame_lit.load_explainer(tmp_path / "nothing.ckpt")
+
+
+def test_training_with_a_kept_fraction_logs_its_term_and_changes_the_head(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, loss={"kept": [0.5]}, optimizer={"max_lr": 0.05})
+    head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    trainer = quiet_trainer(
+        max_steps=2, limit_val_batches=1, log_every_n_steps=1, logger=logger, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, tiny_data(batch_size=4))
+    rows = read_csv_metrics(tmp_path)
+    logged = [float(row["train/ce@50"]) for row in rows if row.get("train/ce@50")]
+    assert len(logged) == 2 and all(math.isfinite(value) for value in logged)
+    assert any(row.get("val/ce@50") for row in rows)
+    assert any(not torch.equal(v, head_before[k]) for k, v in module.head.state_dict().items())
+
+    trainer.save_checkpoint(tmp_path / "head.ckpt")
+    saved = torch.load(tmp_path / "head.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]["loss"]
+    assert MaskingLoss(**saved) == module.objective  # the checkpoint rebuilds the same objective
