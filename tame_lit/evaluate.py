@@ -172,13 +172,9 @@ def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failure
             "seed": cfg.seed,
         },
     }
-    grid = module.grid if module is not None else None
-    titles = []
-    if grid is not None:
-        names = _class_names(backbone, datamodule)
-        titles = [
-            f"{names[c] if names else c}: {p:.2f}" for c, p in zip(grid.predictions, grid.probabilities, strict=True)
-        ]
+    images, predictions, probabilities, maps = module.grid.selected() if module is not None else ([], [], [], {})
+    names = _class_names(backbone, datamodule)
+    titles = [f"{names[c] if names else c}: {p:.2f}" for c, p in zip(predictions, probabilities, strict=True)]
     write_report(
         trainer.default_root_dir,
         module.results if module else {},
@@ -186,8 +182,8 @@ def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failure
         module.curves if module else {},
         summary,
         meta,
-        grid.images if grid else (),
-        grid.maps if grid else None,
+        images,
+        maps or None,
         titles,
         module.per_image if module else None,
     )

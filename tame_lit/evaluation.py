@@ -55,13 +55,44 @@ def metric_columns(metrics: Mapping[str, nn.Module]) -> list[Column]:
 
 @dataclass
 class Grid:
-    """The first images of the set with every explainer's map, for the heatmap grid."""
+    """Images of as many classes as possible with every explainer's map, for the heatmap grid.
+
+    Kept in loading order: the first image of each class (the dataset's label, else the predicted class),
+    and, in case the set has fewer classes than ``size``, the first images of classes already shown.
+    ``selected()`` gives the grid: new classes first, then repeats, ``size`` in all.
+    """
 
     size: int
     images: list[Tensor] = field(default_factory=list)
     predictions: list[int] = field(default_factory=list)
     probabilities: list[float] = field(default_factory=list)
     maps: dict[str, list[Tensor]] = field(default_factory=dict)
+    new_class: list[bool] = field(default_factory=list)
+    classes: set[int] = field(default_factory=set)
+
+    def rows_to_keep(self, keys: list[int]) -> list[int]:
+        """Which rows of a batch (their class ``keys``) to keep, marking them as new classes or repeats."""
+        rows = []
+        for row, key in enumerate(keys):
+            new = key not in self.classes
+            if new and self.new_class.count(True) < self.size:
+                self.classes.add(key)
+            elif new or self.new_class.count(False) >= self.size:
+                continue
+            rows.append(row)
+            self.new_class.append(new)
+        return rows
+
+    def selected(self) -> tuple[list[Tensor], list[int], list[float], dict[str, list[Tensor]]]:
+        """``(images, predictions, probabilities, maps)`` of the grid."""
+        order = sorted(range(len(self.new_class)), key=lambda i: not self.new_class[i])[: self.size]  # stable
+        maps = {name: [m[i] for i in order if i < len(m)] for name, m in self.maps.items()}
+        return (
+            [self.images[i] for i in order],
+            [self.predictions[i] for i in order],
+            [self.probabilities[i] for i in order],
+            maps,
+        )
 
 
 class EvaluationModule(L.LightningModule):
@@ -155,7 +186,7 @@ class EvaluationModule(L.LightningModule):
         self.labelled.update(float(known.sum()))
         if known.any():
             self.accuracy.update(predictions[known], labels[known])
-        grid_rows = self._remember_for_grid(images, predictions, clean_probs)
+        grid_rows = self._remember_for_grid(images, labels.to(predictions.device), predictions, clean_probs)
         for name, explainer in self.explainers.items():
             if name in self.failures:
                 continue
@@ -180,16 +211,19 @@ class EvaluationModule(L.LightningModule):
                 log.exception("explainer %r failed on batch %d; it is skipped from here on", name, batch_idx)
                 continue
             if grid_rows:
-                self.grid.maps.setdefault(name, []).extend(maps[:grid_rows].detach().float().cpu().unbind(0))
+                self.grid.maps.setdefault(name, []).extend(maps[grid_rows].detach().float().cpu().unbind(0))
 
-    def _remember_for_grid(self, images: Tensor, predictions: Tensor, probabilities: Tensor) -> int:
-        """Keep the first images rank zero sees; returns how many rows of this batch were kept."""
+    def _remember_for_grid(self, images: Tensor, labels: Tensor, predictions: Tensor, probabilities: Tensor) -> list:
+        """Keep the grid candidates rank zero sees (``Grid``), so the grid spans classes even when the images
+        come sorted by class; returns the rows kept."""
         if not self.trainer.is_global_zero:
-            return 0
-        rows = max(0, min(self.grid.size - len(self.grid.images), images.shape[0]))
-        self.grid.images.extend(images[:rows].detach().float().cpu().unbind(0))
-        self.grid.predictions.extend(predictions[:rows].tolist())
-        self.grid.probabilities.extend(probabilities[:rows].tolist())
+            return []
+        pairs = zip(labels.tolist(), predictions.tolist(), strict=True)
+        keys = [label if label >= 0 else prediction for label, prediction in pairs]
+        rows = self.grid.rows_to_keep(keys)
+        self.grid.images.extend(images[rows].detach().float().cpu().unbind(0))
+        self.grid.predictions.extend(predictions[rows].tolist())
+        self.grid.probabilities.extend(probabilities[rows].tolist())
         return rows
 
     def on_test_epoch_end(self) -> None:

@@ -431,3 +431,25 @@ def test_a_holdout_evaluation_cites_the_training_folder_not_the_ignored_root():
     assert _cited_data(data) == {"name": "ImageDataModule", "root": "val", "limit": 4}
     held_out = _cited_data({**data, "holdout_per_class": 50})
     assert held_out == {"name": "ImageDataModule", "train_root": "train", "holdout_per_class": 50, "limit": 4}
+
+
+def test_the_heatmap_grid_spans_classes_and_fills_up_with_repeats():
+    """Images sorted by class (as folders load): the grid takes the first image of each class; a set with
+    fewer classes than the grid fills up with the first repeats."""
+    from tame_lit.evaluation import Grid
+
+    def grid_of(batches: list[list[int]], size: int) -> list[int]:
+        grid, seen = Grid(size), 0
+        for keys in batches:
+            rows = grid.rows_to_keep(keys)
+            grid.images.extend(torch.tensor([float(seen + row)]) for row in rows)
+            grid.predictions.extend(keys[row] for row in rows)
+            grid.probabilities.extend(0.5 for _ in rows)
+            grid.maps.setdefault("cam", []).extend(torch.tensor([float(seen + row)]) for row in rows)
+            seen += len(keys)
+        images, predictions, _, maps = grid.selected()
+        assert [float(m) for m in maps["cam"]] == [float(i) for i in images]  # maps stay with their images
+        return predictions
+
+    assert grid_of([[0, 0, 0], [0, 1, 1], [2, 2, 3], [4]], size=4) == [0, 1, 2, 3]
+    assert grid_of([[7, 7], [7, 8]], size=3) == [7, 8, 7]  # two classes: the first repeat fills the grid
