@@ -156,8 +156,10 @@ def test_bf16_mixed_precision_on_cpu(head, kept, tmp_path):
 
 @pytest.mark.real
 def test_a_short_run_on_imagenette_teaches_masks_that_keep_the_prediction(lite0, shared_data):
-    """A few hundred small steps lower the loss and make the masked image keep the clean prediction more
-    often than with the untrained head, on held-out imagenette/val images."""
+    """A few hundred small steps lower the objective and make the masked image keep the clean prediction more
+    often than with the untrained head, both on the same held-out imagenette/val images. (The mean training
+    loss of a few batches of 8 is too noisy to show it: it moved by +0.17 in one environment and -0.3 in
+    another, while the held-out objective fell from 6.1 to 4.1.)"""
     torch.manual_seed(0)
     module = HeadTrainingModule({"name": "efficientnet_lite0"}, {"name": "tame"}, optimizer={"max_lr": 1e-2})
     data = ImageDataModule(
@@ -166,25 +168,22 @@ def test_a_short_run_on_imagenette_teaches_masks_that_keep_the_prediction(lite0,
     )  # fmt: skip
     data.setup("fit")
 
-    def agreement() -> float:
+    def held_out() -> tuple[float, float]:
+        """(objective, share of masked images that keep the clean top-1) over the held-out images."""
         hits = total = 0
-        for logits, _, masked in masked_passes(module, data.val_dataloader()):
+        loss = 0.0
+        for logits, terms, masked in masked_passes(module, data.val_dataloader()):
             hits += (masked.argmax(dim=1) == logits.argmax(dim=1)).sum().item()
+            loss += float(terms["loss"]) * logits.shape[0]
             total += logits.shape[0]
-        return hits / total
+        return loss / total, hits / total
 
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    before = agreement()
-    trainer = quiet_trainer(max_steps=200, limit_val_batches=0, enable_checkpointing=False, callbacks=[Record()])
+    loss_before, agreement_before = held_out()
+    trainer = quiet_trainer(max_steps=200, limit_val_batches=0, enable_checkpointing=False)
     trainer.fit(module, data)
-    after = agreement()
-    assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 0.3
-    assert after > before + 0.1
+    loss_after, agreement_after = held_out()
+    assert loss_after < loss_before - 1.0
+    assert agreement_after > agreement_before + 0.1
 
 
 def test_validate_first_logs_the_untrained_baseline_then_trains(tmp_path):
