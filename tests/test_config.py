@@ -160,11 +160,25 @@ def test_unknown_explainer_options_stop_evaluate(capsys, no_backbone):
         ("train", ["-m", "optimizer.max_lr=tag(log, interval(1e-4, 1e-1))", "hparams_search=optuna"]),
         ("train", ["+callbacks.stop._target_=tests.helpers.StopAfterStep", "+callbacks.stop.step=3"]),
         ("train", ["experiment=tame_vgg16_imagenet", "--cfg", "job"]),
+        ("train", ["-m", "experiment=tame_lite0_imagenette", "hparams_search=lite0_recipe"]),
         ("evaluate", ["+explainer.ge_scorecam={name: ge, base: scorecam, batch_size: 8}", "+heads.x.checkpoint=p"]),
     ],
 )
 def test_valid_command_lines_pass_the_check(config, argv, no_backbone):
     check_command_line(config, argv)
+
+
+@pytest.mark.parametrize("search", ["optuna", "lite0_recipe"])
+def test_every_key_a_search_tunes_exists_and_the_recipe_search_never_sees_the_test_images(search, tmp_path):
+    """A misspelt key in ``hydra.sweeper.params`` would only fail at the first trial (or add a key nobody reads)."""
+    import yaml
+
+    searched = yaml.safe_load((Path(config_dir()) / "hparams_search" / f"{search}.yaml").read_text())
+    cfg = compose_train(["experiment=tame_lite0_imagenette", f"hparams_search={search}"], tmp_path)
+    for key in searched["hydra"]["sweeper"]["params"]:
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", key
+    if search == "lite0_recipe":  # a validation split of imagenette/train, never imagenette/val
+        assert cfg.data.holdout_per_class == 50 and cfg.optimized_metric.startswith("val/")
 
 
 def test_train_checks_its_config_before_building(tmp_path, no_backbone):
