@@ -246,3 +246,27 @@ def test_evaluation_takes_every_kind_of_trained_file_checked_against_its_backbon
             failure.startswith("IncompatibleCheckpointError: ")
             and "this run has backbone='test_efficientnet'" in failure
         )
+
+
+def test_a_mask_explanation_survives_export_to_every_format(tmp_path):
+    """``head.explanation=mask`` is a head option: the export folder, the program and ONNX give its maps."""
+    pytest.importorskip("onnxruntime")
+    from safetensors.torch import save_file
+
+    from tame_lit.train import train
+    from tests.helpers import TINY_OVERRIDES, compose_train
+
+    torch.manual_seed(0)
+    weights = tmp_path / "test_resnet.safetensors"  # one backbone for every loader (random init differs each time)
+    save_file(backbones.create(**TINY_BACKBONE).model.state_dict(), str(weights))
+    overrides = [*TINY_OVERRIDES, f"backbone.weights={weights}", "head.explanation=mask", "trainer.max_steps=1"]
+    overrides.append("data.num_workers=0")
+    train(compose_train(overrides, tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = export_head(checkpoint, tmp_path / "export", program=True, onnx=True)  # each verified while written
+    assert json.loads((out / "explainer.json").read_text())["head"]["explanation"] == "mask"
+    images = torch.rand(2, 3, 64, 64)
+    eager = load_explainer(checkpoint)
+    assert eager.head.explanation == "mask"
+    for path in (out, out / "explainer.pt2", out / "explainer.onnx"):
+        torch.testing.assert_close(load_explainer(path)(images), eager(images), rtol=0, atol=1e-4)

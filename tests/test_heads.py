@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tame_lit import backbones, explainers, heads
 from tame_lit.explainers import HeadExplainer
 from tame_lit.heads import TameHead, select_classes
-from tame_lit.heads.base import class_maps, resize
+from tame_lit.heads.base import class_maps, resize, target_maps
 from tame_lit.maps import normalize
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
@@ -238,3 +238,44 @@ def test_a_tame_head_started_from_the_classifier_learns():
     backward()
     assert all(branch.bn.weight.grad.abs().sum() > 0 for branch in head.branches)
     assert head.branches[cam].conv.weight.grad.abs().sum() > 0  # its BN weight is no longer 0
+
+
+def test_a_mask_explanation_has_the_trained_masks_values_and_the_logits_pixel_order():
+    """``explanation=mask``: values = min-max of sigmoid(logits) (within the tie-break weight), pixel order =
+    that of the upsampled logits, also where the sigmoid saturates to 1.0 (so deletion, insertion and ROAD,
+    which only read the order, score it as the logits map)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 7) * 4
+    logits[0, 2:5, 2:5] = 40 + torch.rand(3, 3)  # saturated: sigmoid is exactly 1.0 in float32 there
+    upsampled = F.interpolate(logits[:, None], size=(56, 56), mode="bilinear", align_corners=False)[:, 0]
+    mask = target_maps(logits, (56, 56), "mask")
+    assert mask.shape == (3, 56, 56) and mask.amin() == 0 and mask.amax() == 1
+    assert (mask - normalize(torch.sigmoid(upsampled))).abs().max() <= 2e-3
+    # along the logits' order, the mask never decreases, and rises wherever the logits do (saturated or not)
+    order = upsampled.flatten(1).argsort(dim=1)
+    rises = upsampled.flatten(1).gather(1, order).diff(dim=1) > 1e-2  # float32 resolves the tie-break to ~3e-3
+    steps = mask.flatten(1).gather(1, order).diff(dim=1)
+    assert (steps >= -1e-6).all() and (steps[rises] > 0).all()
+    saturated = torch.sigmoid(upsampled[0]).eq(1.0)
+    assert saturated.sum() > 100 and mask[0][saturated].unique().numel() > 100
+    # TAME's explanation: min-max at the head's resolution, then upsampling
+    expected = F.interpolate(normalize(logits)[:, None], size=(56, 56), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(target_maps(logits, (56, 56)), expected)
+
+
+@pytest.mark.parametrize("name", ["tame", "sacam"])
+def test_the_explanation_is_a_head_option_that_reaches_the_explainer(name, tiny_backbone):
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    options = {"init_from_classifier": False} if name == "sacam" else {}
+    plain = heads.create(name, tiny_backbone, **options).eval()
+    masked = heads.create(name, tiny_backbone, explanation="mask", **options).eval()
+    masked.load_state_dict(plain.state_dict())
+    assert plain.explanation == "logits" and masked.explanation == "mask"
+    with torch.no_grad():
+        logits, features = tiny_backbone.features(images, plain.layers)
+        own = select_classes(plain(features, None), None, logits.argmax(dim=1))
+    assert torch.allclose(HeadExplainer(tiny_backbone, masked)(images), target_maps(own, (64, 64), "mask"), atol=1e-4)
+    assert torch.allclose(HeadExplainer(tiny_backbone, plain)(images), target_maps(own, (64, 64)), atol=1e-4)
+    with pytest.raises(ValueError, match=r"explanation must be one of \['logits', 'mask'\], got 'soft'"):
+        heads.create(name, tiny_backbone, explanation="soft", **options)

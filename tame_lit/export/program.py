@@ -23,8 +23,8 @@ from tame_lit.export.format import (
     verify_maps,
 )
 from tame_lit.heads import ExplanationHead, head_maps
+from tame_lit.heads.base import target_maps
 from tame_lit.io import atomic_path
-from tame_lit.maps import normalize, upsample
 
 __all__ = ["ExplainerProgram", "ProgramExplainer", "export_program"]
 
@@ -48,7 +48,7 @@ class ExplainerProgram(nn.Module):
         # diagonal; the same maps, at a cost that grows with the batch
         rows = torch.arange(images.shape[0], device=images.device)
         own = self.head(features, targets)[rows, rows]
-        return upsample(normalize(own), images.shape[-2:]), logits
+        return target_maps(own, images.shape[-2:], self.head.explanation), logits
 
 
 def export_program(

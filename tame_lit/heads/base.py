@@ -26,7 +26,13 @@ __all__ = [
     "select_classes",
     "start_from_cam",
     "start_fuser_from_classifier",
+    "target_maps",
 ]
+
+# how a head's map of a class becomes its explanation (``target_maps``)
+EXPLANATIONS = ("logits", "mask")
+# weight of the min-max logits in a ``mask`` explanation: enough to order pixels where the sigmoid saturates
+MASK_TIE_BREAK = 1e-3
 
 
 class ExplanationHead(nn.Module):
@@ -35,13 +41,19 @@ class ExplanationHead(nn.Module):
     A head is built from the per-image shapes of the layers it reads (``{name: (C, H, W)}``) and the
     number of classes, so it never needs the backbone itself. ``forward(features, classes)`` returns the
     pre-sigmoid class maps ``[B, K, h, w]``; with ``classes`` (a 1-D LongTensor) only those K maps are
-    computed, which is all the training objective needs and much cheaper than all 1,000.
+    computed, which is all the training objective needs and much cheaper than all 1,000. ``explanation``:
+    how a class map becomes an explanation (``target_maps``): ``logits`` (TAME) or ``mask``.
     """
 
-    def __init__(self, layer_shapes: Mapping[str, Sequence[int]], num_classes: int) -> None:
+    def __init__(
+        self, layer_shapes: Mapping[str, Sequence[int]], num_classes: int, explanation: str = "logits"
+    ) -> None:
         super().__init__()
         if not layer_shapes:
             raise ValueError("a head needs at least one layer")
+        if explanation not in EXPLANATIONS:
+            raise ValueError(f"head explanation must be one of {list(EXPLANATIONS)}, got {explanation!r}")
+        self.explanation = explanation
         self.layers: tuple[str, ...] = tuple(layer_shapes)
         self.layer_shapes = {name: tuple(int(s) for s in shape) for name, shape in layer_shapes.items()}
         self.num_classes = int(num_classes)
@@ -93,11 +105,29 @@ def select_classes(maps: Tensor, classes: Tensor | None, labels: Tensor) -> Tens
 
 
 def head_maps(head: ExplanationHead, features: Mapping[str, Tensor], targets: Tensor, size: Sequence[int]) -> Tensor:
-    """Each image's explanation for its target: min-max of the head's pre-sigmoid map at the head's resolution,
-    then bilinear upsampling to ``size`` (tame.md §1.4); what explainers, validation and exports compute."""
+    """Each image's explanation for its target (``target_maps`` of the head's map of that class); what
+    explainers, validation and exports compute."""
     classes = torch.unique(targets)
     logits = head(features, classes)
-    return upsample(normalize(select_classes(logits, classes, targets)), tuple(size))
+    return target_maps(select_classes(logits, classes, targets), size, head.explanation)
+
+
+def target_maps(logits: Tensor, size: Sequence[int], explanation: str = "logits") -> Tensor:
+    """Explanations ``[B, *size]`` in [0, 1] from each image's pre-sigmoid map of its target ``[B, h, w]``.
+
+    ``logits``: min-max at the head's resolution, then bilinear upsampling (TAME, tame.md §1.4).
+    ``mask``: the mask the head was trained to apply, sigmoid(logits) after upsampling, min-max; plus
+    ``MASK_TIE_BREAK`` x the min-max upsampled logits, so that where the sigmoid saturates (1.0 in float32)
+    pixels keep the logits' order. The pixel order, hence deletion, insertion and ROAD, is that of the
+    upsampled logits (pixels whose logits differ by less than about 1e-4 of their range may tie in float32);
+    the values are the trained mask's, which is what AD/IC multiply the image by.
+    """
+    if explanation == "logits":
+        return upsample(normalize(logits), tuple(size))
+    if explanation != "mask":
+        raise ValueError(f"explanation must be one of {list(EXPLANATIONS)}, got {explanation!r}")
+    upsampled = upsample(logits, tuple(size))
+    return normalize((1 - MASK_TIE_BREAK) * torch.sigmoid(upsampled) + MASK_TIE_BREAK * normalize(upsampled))
 
 
 def class_maps(fuser: nn.Conv2d, inputs: Sequence[Tensor], size: Sequence[int], classes: Tensor | None) -> Tensor:

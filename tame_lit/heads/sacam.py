@@ -113,8 +113,9 @@ class SACAMHead(ExplanationHead):
         reduction: int = 8,
         max_size: int = 56,
         value_init: str = "identity",
+        explanation: str = "logits",
     ) -> None:
-        super().__init__(layer_shapes, num_classes)
+        super().__init__(layer_shapes, num_classes, explanation)
         chosen = self.layers if attention_layers is None else tuple(attention_layers)
         unknown = [name for name in chosen if name not in self.layer_shapes]
         if unknown:
@@ -170,7 +171,10 @@ class SACAMHead(ExplanationHead):
         return {name: float(self.attention[_key(name)].gamma.detach()) for name in self.attention_layers}
 
     def extra_repr(self) -> str:
-        return f"attention_layers={list(self.attention_layers)}, reduction={self.reduction}, max_size={self.max_size}"
+        return (
+            f"attention_layers={list(self.attention_layers)}, reduction={self.reduction}, max_size={self.max_size}, "
+            f"explanation={self.explanation!r}"
+        )
 
 
 def _multiple_of_8(value: int) -> int:

@@ -73,8 +73,9 @@ class TameHead(ExplanationHead):
         num_classes: int,
         max_size: int = 56,
         variant: str = "standard",
+        explanation: str = "logits",
     ) -> None:
-        super().__init__(layer_shapes, num_classes)
+        super().__init__(layer_shapes, num_classes, explanation)
         if variant not in VARIANTS:
             raise ValueError(f"unknown TAME variant {variant!r}; valid: {list(VARIANTS)}")
         self.max_size = int(max_size)
@@ -136,4 +137,4 @@ class TameHead(ExplanationHead):
         return class_maps(self.fuser, branches, size, classes)
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, max_size={self.max_size}"
+        return f"variant={self.variant!r}, max_size={self.max_size}, explanation={self.explanation!r}"
