@@ -310,6 +310,8 @@ METRIC_SCHEMAS = {name: _metric_schema(cls) for name, cls in metrics.METRICS.ite
 @dataclasses.dataclass
 class TrainedHeadConfig:
     checkpoint: str | None = None  # a tame-lit checkpoint (or export folder) of a head trained on this backbone
+    # how its class maps become explanations (logits | mask, see tame_lit.heads.base.target_maps); null: as trained
+    explanation: str | None = None
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ from tame_lit import __version__, backbones, explainers
 from tame_lit.config import check_command_line, config_dir, finishing, instantiate_group, start_process, start_task
 from tame_lit.evaluation import EvaluationModule
 from tame_lit.explainers import Explainer
+from tame_lit.heads.base import EXPLANATIONS
 from tame_lit.loading import EXPLAINER_SUFFIXES, describe, load_explainer
 from tame_lit.report import print_table, write_report
 
@@ -79,6 +80,8 @@ def build_explainers(
             if head is not None and head.get("checkpoint"):
                 built[name] = load_explainer(head.checkpoint, backbone=backbone)
                 settings[name] = trained_head_settings(head.checkpoint)
+                if head.get("explanation") is not None:
+                    settings[name]["explanation"] = _explain_with(built[name], name, head.explanation)
             elif head is not None:
                 raise ValueError(
                     f"explainer {name!r} is a trained head: give its checkpoint, heads.{name}.checkpoint=PATH"
@@ -101,6 +104,21 @@ def build_explainers(
             failures[name] = f"{type(error).__name__}: {error}"
             log.error("explainer %r: %s", name, error)
     return built, settings, failures
+
+
+def _explain_with(explainer: Explainer, name: str, explanation: str) -> str:
+    """Score a trained head's maps read another way (``heads.<name>.explanation``): the same weights, e.g.
+    ``logits`` and ``mask`` side by side."""
+    head = getattr(explainer, "head", None)
+    if head is None or not hasattr(head, "explanation"):
+        raise ValueError(
+            f"heads.{name}.explanation needs a checkpoint or export folder: {type(explainer).__name__} "
+            "(explainer.pt2 / explainer.onnx) has its maps compiled in"
+        )
+    if explanation not in EXPLANATIONS:
+        raise ValueError(f"heads.{name}.explanation must be one of {list(EXPLANATIONS)}, got {explanation!r}")
+    head.explanation = explanation
+    return explanation
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:

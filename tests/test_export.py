@@ -238,6 +238,19 @@ def test_evaluation_takes_every_kind_of_trained_file_checked_against_its_backbon
     assert all(settings[name]["head"] == "tame" and settings[name]["checkpoint"] for name in names)
     assert settings[str(checkpoint)]["layers"] == ["layer2", "layer3", "layer4"] and "step" in settings[str(checkpoint)]
 
+    # the same weights read as the trained mask (heads.<name>.explanation); a compiled program cannot be
+    heads = {
+        "as_mask": {"checkpoint": str(checkpoint), "explanation": "mask"},
+        "program_as_mask": {"checkpoint": str(out / "explainer.pt2"), "explanation": "mask"},
+        "as_soft": {"checkpoint": str(checkpoint), "explanation": "soft"},
+    }
+    read_as = OmegaConf.create({"explainers": [names[0], *heads], "heads": heads, "explainer": {}})
+    built, settings, failures = build_explainers(read_as, backbone)
+    assert built[names[0]].head.explanation == "logits" and built["as_mask"].head.explanation == "mask"
+    assert settings["as_mask"]["explanation"] == "mask" and not torch.allclose(built["as_mask"](images), reference)
+    assert "explainer.pt2 / explainer.onnx) has its maps compiled in" in failures["program_as_mask"]
+    assert "must be one of ['logits', 'mask'], got 'soft'" in failures["as_soft"]
+
     other = backbones.create(**{**TINY_BACKBONE, "name": "test_efficientnet"})
     _, _, failures = build_explainers(cfg, other)
     assert list(failures) == names
