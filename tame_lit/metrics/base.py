@@ -17,6 +17,7 @@ many images, in chunks).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -215,13 +216,18 @@ class FaithfulnessMetric(Metric):
         for key, value in values.items():
             getattr(self, _state_name(key)).append(value.detach().double().flatten().to(device))
 
-    def per_image(self) -> dict[str, Tensor]:
-        """``{"index": [N], key: [N] ...}`` over every process (synchronised like ``compute``)."""
-        with self.sync_context(
+    def synced(self) -> AbstractContextManager[None]:
+        """Inside it, the states hold the values of every process (as inside ``compute``), for methods other than
+        ``compute`` that read them (``per_image``, ``curves``)."""
+        return self.sync_context(
             dist_sync_fn=self.dist_sync_fn,
             should_sync=self._to_sync and not self._is_synced,
             should_unsync=self._should_unsync,
-        ):
+        )
+
+    def per_image(self) -> dict[str, Tensor]:
+        """``{"index": [N], key: [N] ...}`` over every process (synchronised like ``compute``)."""
+        with self.synced():
             result = {"index": _cat(self.image_index, torch.long)}
             for key in self.per_image_keys:
                 result[key] = _cat(getattr(self, _state_name(key)), torch.float64)

@@ -270,11 +270,7 @@ class DeletionInsertion(FaithfulnessMetric):
 
     def curves(self) -> dict[str, Curve]:
         """The mean curves (over every process) against the fraction of pixels changed."""
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn,
-            should_sync=self._to_sync and not self._is_synced,
-            should_unsync=self._should_unsync,
-        ):
+        with self.synced():
             x, deletion, insertion = self._mean_curves()
         y_label = "probability of the class"
         return {
