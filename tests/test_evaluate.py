@@ -75,13 +75,17 @@ def without_timing(results: dict) -> dict:
     return {name: {k: v for k, v in row.items() if k != "seconds_per_image"} for name, row in results.items()}
 
 
-def assert_close_results(first: dict, second: dict, tolerance: float) -> None:
+def assert_close_results(first: dict, second: dict, tolerance: float, interval_tolerance: float | None = None) -> None:
+    """Same keys, values within ``tolerance``; intervals and comparisons within ``interval_tolerance`` (default
+    the same)."""
     first, second = without_timing(first), without_timing(second)
     assert first.keys() == second.keys()
     for name in first:
         assert first[name].keys() == second[name].keys(), name
         for key, value in first[name].items():
-            assert math.isclose(value, second[name][key], rel_tol=tolerance, abs_tol=tolerance), (name, key)
+            statistic = "_ci_" in key or "_vs_" in key
+            limit = interval_tolerance if statistic and interval_tolerance is not None else tolerance
+            assert math.isclose(value, second[name][key], rel_tol=limit, abs_tol=limit), (name, key)
 
 
 def test_cli_writes_every_output_with_boxes_and_wandb_offline(tmp_path):
@@ -156,7 +160,10 @@ def test_numbers_do_not_depend_on_the_batch_size(tmp_path):
             config="evaluate",
         )
         results.append(evaluate(cfg))
-    assert_close_results(results[0], results[1], 1e-5)
+    # per-image values move by ~1e-7 with the batch size (the model's float reductions); on 7 images BCa's
+    # bias correction counts the resamples whose mean is below the observed one, and ~0.6 % of them are
+    # permutations of the sample whose mean equals it up to that rounding: the ends move by up to ~1e-4
+    assert_close_results(results[0], results[1], 1e-5, interval_tolerance=1e-3)
     assert results[0]["random"]["images"] == 7
 
 
