@@ -118,10 +118,7 @@ class EvaluationModule(L.LightningModule):
         super().__init__()
         if not explainers:
             raise ValueError("nothing to evaluate: no explainers")
-        if not 0.0 < confidence < 1.0:
-            raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
-        if resamples < 100:
-            raise ValueError(f"resamples must be >= 100 for a stable bootstrap interval, got {resamples}")
+        statistics.check_settings(confidence, resamples)  # before any image is explained
         if compare_to is not None and compare_to not in explainers:
             log.warning(
                 "compare_to=%r is not among the explainers %s: no paired comparisons (add it to explainers, or "

@@ -33,6 +33,7 @@ from scipy import stats
 
 __all__ = [
     "Comparison",
+    "check_settings",
     "comparison_keys",
     "interval_keys",
     "mean_interval",
@@ -152,10 +153,7 @@ def summarise(
     processes. Returns ``{explainer: {result key: value}}`` with the ``interval_keys`` of each column, and for
     every explainer but ``compare_to`` the ``comparison_keys`` on the images both scored.
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
-    if resamples < 100:
-        raise ValueError(f"resamples must be >= 100 for a stable bootstrap interval, got {resamples}")
+    check_settings(confidence, resamples)
     values = {name: _by_key(metrics) for name, metrics in per_image.items()}
     scored = [column for column in columns if column.higher_is_better is not None]
     result: dict[str, dict[str, float]] = {name: {} for name in per_image}
@@ -193,6 +191,14 @@ def summarise(
             keys = comparison_keys(column.key, compare_to)
             result[name].update({keys[field]: float(getattr(comparison, field)) for field in keys})
     return result
+
+
+def check_settings(confidence: float, resamples: int) -> None:
+    """Refuse settings that would give no usable interval, naming the setting and what is valid."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
+    if resamples < 100:
+        raise ValueError(f"resamples must be >= 100 for a stable bootstrap interval, got {resamples}")
 
 
 def _by_key(metrics: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
