@@ -340,6 +340,13 @@ class EvaluateConfig(TaskConfig):
     compare_to: str | None = inspect.signature(EvaluationModule).parameters["compare_to"].default
     confidence: float = inspect.signature(EvaluationModule).parameters["confidence"].default
     resamples: int = inspect.signature(EvaluationModule).parameters["resamples"].default
+    # `subset_per_class=N`: the explainers in `subset_explainers` (by default the methods that cost hundreds of
+    # forward passes per image) score only the first N evaluated images of each class, a class-balanced subset,
+    # and are compared with the reference on the images both scored; null: every explainer scores every image
+    subset_per_class: int | None = None
+    subset_explainers: list[str] = dataclasses.field(
+        default_factory=lambda: ["ablationcam", "rise", "scorecam", "sise"]
+    )
 
 
 def register_schemas() -> dict[str, type]:

@@ -129,6 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     backbone = backbones.create(**OmegaConf.to_container(cfg.backbone, resolve=True))
     built, settings, failures = build_explainers(cfg, backbone)
     datamodule = instantiate(cfg.data)
+    subsets = _subsets(cfg, datamodule, settings)
     metric_options = OmegaConf.to_container(cfg.metrics, resolve=True)
     shared = {"seed": cfg.seed}
     loggers = instantiate_group(cfg.get("logger"))
@@ -142,7 +143,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         if built:
             module = EvaluationModule(
                 backbone, built, metric_options, shared, grid_images=int(cfg.grid_images), compare_to=cfg.compare_to,
-                confidence=float(cfg.confidence), resamples=int(cfg.resamples),
+                confidence=float(cfg.confidence), resamples=int(cfg.resamples), subsets=subsets,
             )  # fmt: skip
             trainer.test(module, datamodule=datamodule, verbose=False)
             results = module.results
@@ -163,6 +164,27 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
             + f". The other explainers' results are in {run_dir.resolve()}"
         )
     return results
+
+
+def _subsets(cfg: DictConfig, datamodule: Any, settings: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    """The dataset indices each explainer of ``subset_explainers`` scores when ``subset_per_class`` is set
+    (checked before any image is explained), recorded in its settings for run.json and report.md."""
+    names = [str(name) for name in cfg.explainers]
+    slow = [str(name) for name in cfg.get("subset_explainers") or []]
+    known = {*names, *(cfg.get("explainer") or {}), *(cfg.get("heads") or {})}
+    unknown = sorted(set(slow) - known)
+    if unknown:
+        raise ValueError(f"subset_explainers names {unknown}, which are neither explainers nor configured methods "
+                         f"or heads; known: {sorted(known)}")  # fmt: skip
+    count = cfg.get("subset_per_class")
+    if count is None:
+        return {}
+    indices = datamodule.eval_indices_per_class(count, key="subset_per_class")
+    subsets = {name: indices for name in names if name in slow}
+    for name in subsets:
+        if name in settings:
+            settings[name]["subset_per_class"] = int(count)
+    return subsets
 
 
 def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failures) -> None:

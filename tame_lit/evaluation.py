@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,34 @@ class Grid:
         )
 
 
+@dataclass
+class _Chosen:
+    """The rows of a batch one explainer scores (all of them unless it has a subset)."""
+
+    images: Tensor
+    predictions: Tensor
+    indices: Tensor
+    boxes: Sequence[Tensor] | None
+    logits: Tensor
+    rows: Tensor | None
+
+    @classmethod
+    def of(cls, rows: Tensor | None, images, predictions, indices, boxes, logits) -> _Chosen:
+        if rows is None:
+            return cls(images, predictions, indices, boxes, logits, None)
+        kept = [box for box, keep in zip(boxes, rows.tolist(), strict=True) if keep] if boxes is not None else None
+        return cls(images[rows], predictions[rows], indices[rows], kept, logits[rows], rows)
+
+    def grid_maps(self, maps: Tensor, grid_rows: list[int]) -> list[Tensor]:
+        """The maps of the batch's ``grid_rows``; NaN (drawn blank) for rows outside the subset."""
+        maps = maps.detach().float().cpu()
+        if self.rows is None:
+            return list(maps[grid_rows].unbind(0))
+        position = (self.rows.cpu().long().cumsum(0) - 1).tolist()
+        blank = torch.full(maps.shape[1:], float("nan"))
+        return [maps[position[row]] if self.rows[row] else blank for row in grid_rows]
+
+
 class EvaluationModule(L.LightningModule):
     """Runs ``explainers`` (name -> ``Explainer`` over ``backbone``) on each test batch and scores them."""
 
@@ -108,13 +136,16 @@ class EvaluationModule(L.LightningModule):
         compare_to: str | None = "gradcam",
         confidence: float = 0.95,
         resamples: int = 2000,
+        subsets: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         """``metrics``: ``{name: options}`` of registered metrics (``tame_lit.metrics.available()``; options
         ``{}``/``True`` for the metric's defaults, ``False``/``None`` to leave it out); None: every registered
         metric that is on by default (``default_enabled``). ``shared``: settings given to every metric whose
         constructor takes them (the run's ``seed``, which also seeds the bootstrap). ``compare_to``: the
         explainer every other one is compared with, image by image (None: no comparisons); ``confidence``: of
-        every interval; ``resamples``: bootstrap resamples per interval."""
+        every interval; ``resamples``: bootstrap resamples per interval. ``subsets``: explainers scored on only
+        these dataset indices (an expensive method on a class-balanced subset); they are compared with the
+        reference on the images both scored."""
         super().__init__()
         if not explainers:
             raise ValueError("nothing to evaluate: no explainers")
@@ -128,6 +159,12 @@ class EvaluationModule(L.LightningModule):
         self.confidence, self.resamples = float(confidence), int(resamples)
         self.backbone = backbone
         self.explainers = dict(explainers)
+        unknown = sorted(set(subsets or {}) - set(self.explainers))
+        if unknown:
+            raise ValueError(f"subsets names {unknown}, which are not among the explainers {list(self.explainers)}")
+        self.subsets = {
+            name: torch.as_tensor(list(indices), dtype=torch.long) for name, indices in (subsets or {}).items()
+        }
         if metrics is None:
             metrics = {name: cls.default_enabled for name, cls in metric_registry.METRICS.items()}
         chosen = dict(metrics)
@@ -187,28 +224,39 @@ class EvaluationModule(L.LightningModule):
         for name, explainer in self.explainers.items():
             if name in self.failures:
                 continue
+            rows = self._rows_of(name, batch["indices"])
+            if rows is not None and not rows.any():  # none of its subset here: blank grid panels keep rows aligned
+                blank = torch.full(images.shape[-2:], float("nan"))
+                self.grid.maps.setdefault(name, []).extend([blank] * len(grid_rows))
+                continue
+            chosen = _Chosen.of(rows, images, predictions, batch["indices"], batch.get("boxes"), logits)
             try:
                 started = time.perf_counter()
-                maps = explainer(images, predictions)
+                maps = explainer(chosen.images, chosen.predictions)
                 if images.device.type == "cuda":
                     torch.cuda.synchronize(images.device)
                 # the first batch pays one-off costs (allocations, autograd and kernel set-up): timed apart
                 timer = "first_batch_seconds" if batch_idx == 0 else "seconds"
                 self.timing[name][timer].update(time.perf_counter() - started)
-                self.timing[name][f"{timer}_images"].update(float(images.shape[0]))
+                self.timing[name][f"{timer}_images"].update(float(chosen.images.shape[0]))
                 scored = ScoredBatch(
-                    self.backbone, images, maps, predictions, batch["indices"], batch.get("boxes"), logits
+                    self.backbone, chosen.images, maps, chosen.predictions, chosen.indices, chosen.boxes, chosen.logits
                 )
                 with torch.no_grad():
                     for metric in self.scores[name].values():
                         metric.update(scored)
-                self.timing[name]["images"].update(float(images.shape[0]))
+                self.timing[name]["images"].update(float(chosen.images.shape[0]))
             except Exception as error:  # one broken explainer must not cost the others their results
                 self.failures[name] = f"{type(error).__name__}: {error}"
                 log.exception("explainer %r failed on batch %d; it is skipped from here on", name, batch_idx)
                 continue
             if grid_rows:
-                self.grid.maps.setdefault(name, []).extend(maps[grid_rows].detach().float().cpu().unbind(0))
+                self.grid.maps.setdefault(name, []).extend(chosen.grid_maps(maps, grid_rows))
+
+    def _rows_of(self, name: str, indices: Tensor) -> Tensor | None:
+        """Which rows of a batch ``name`` scores (its subset), or None for all of them."""
+        subset = self.subsets.get(name)
+        return None if subset is None else torch.isin(indices.cpu(), subset).to(indices.device)
 
     def _remember_for_grid(self, images: Tensor, labels: Tensor, predictions: Tensor, probabilities: Tensor) -> list:
         """Keep the grid candidates rank zero sees (``Grid``), so the grid spans classes even when the images

@@ -50,7 +50,14 @@ def _finite(value: Any) -> bool:
 
 
 def _table_columns(results: Results, columns: Sequence[Column]) -> list[Column]:
-    return [c for c in columns if c.table and any(_finite(row.get(c.key)) for row in results.values())]
+    """The columns to show: those meant for the table, and the image count when explainers scored different
+    numbers of images (``subset_per_class``)."""
+    differ = len({row.get("images") for row in results.values()}) > 1
+    return [
+        c
+        for c in columns
+        if (c.table or (differ and c.key == "images")) and any(_finite(row.get(c.key)) for row in results.values())
+    ]
 
 
 def metrics_table(

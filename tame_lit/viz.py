@@ -48,7 +48,8 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> None
 def explainer_grid(
     images: Tensor, maps: dict[str, Tensor], row_titles: Sequence[str] | None = None, alpha: float = 0.5
 ) -> Figure:
-    """Images down, explainers across: the image, then each explainer's overlay (evaluation reports)."""
+    """Images down, explainers across: the image, then each explainer's overlay (evaluation reports); a map
+    of NaNs (an image the explainer did not score) leaves its panel blank."""
     names = list(maps)
     rows, columns = images.shape[0], len(names) + 1
     figure = Figure(figsize=(2.2 * columns, 2.3 * rows), layout="constrained")
@@ -58,7 +59,7 @@ def explainer_grid(
         if row_titles:
             axes[row, 0].set_title(row_titles[row], fontsize=8)
         for column, name in enumerate(names, start=1):
-            if row < maps[name].shape[0]:
+            if row < maps[name].shape[0] and not maps[name][row].isnan().all():  # NaN: not scored (a subset)
                 axes[row, column].imshow(overlay(images[row], maps[name][row], alpha))
             if row == 0:
                 axes[row, column].set_title(name, fontsize=9)

@@ -460,3 +460,44 @@ def test_the_heatmap_grid_spans_classes_and_fills_up_with_repeats():
 
     assert grid_of([[0, 0, 0], [0, 1, 1], [2, 2, 3], [4]], size=4) == [0, 1, 2, 3]
     assert grid_of([[7, 7], [7, 8]], size=3) == [7, 8, 7]  # two classes: the first repeat fills the grid
+
+
+def test_a_subset_explainer_scores_the_first_images_of_each_class_paired_on_those(tmp_path):
+    """``subset_per_class``: the ``subset_explainers`` score only the first N images of each class; their values on
+    those images are those of the full run, and its comparison pairs them with the reference's."""
+    data = image_folder(tmp_path / "images")  # folder order: a/img1, a/img3, a/img5, b/img0, b/img2, ...
+    overrides = [
+        *TINY_OVERRIDES,
+        *FAST_METRICS,
+        "data=folder",
+        f"data.root={data}",
+        "data.batch_size=3",  # the last batch (index 6) holds nothing of the subset
+        "logger=none",
+        "explainers=[random,random_subset]",
+        "+explainer.random_subset={name: random}",
+        "compare_to=random",
+        "subset_per_class=2",
+        "subset_explainers=[random_subset,scorecam]",  # scorecam: a known method, not evaluated here
+    ]
+    cfg = compose_train(overrides, tmp_path / "run", config="evaluate")
+    results = evaluate(cfg)
+    assert results["random"]["images"] == 7 and results["random_subset"]["images"] == 4
+    run_dir = tmp_path / "run"
+    with open(next(run_dir.rglob("per_image.csv"))) as handle:
+        rows = [row for row in csv.DictReader(handle) if row["key"] == "AD@15"]
+    values = {name: {int(r["index"]): float(r["value"]) for r in rows if r["explainer"] == name} for name in results}
+    assert sorted(values["random_subset"]) == [0, 1, 3, 4]  # the first two of class a, then of class b
+    assert all(values["random_subset"][i] == values["random"][i] for i in values["random_subset"])
+    subset = results["random_subset"]
+    assert subset["AD@15_vs_random"] == 0 and subset["AD@15_vs_random_outcome"] == 0  # paired on those 4
+    assert subset["AD@15"] == pytest.approx(sum(values["random_subset"].values()) / 4)
+    run = json.loads(next(run_dir.rglob("run.json")).read_text())
+    assert run["explainers"]["random_subset"]["subset_per_class"] == 2
+    assert (next(run_dir.rglob("heatmaps.png"))).stat().st_size > 1000
+    header = next(line for line in next(run_dir.rglob("report.md")).read_text().splitlines() if "mean rank" in line)
+    assert "| images |" in header  # the counts differ, so the table shows them
+
+    for wrong, named in (("subset_explainers=[nosuch]", "nosuch"), ("subset_per_class=0", "subset_per_class")):
+        bad = compose_train([*overrides, wrong], tmp_path / "bad", config="evaluate")
+        with pytest.raises(ValueError, match=named):
+            evaluate(bad)

@@ -18,6 +18,7 @@ from tame_lit.data.sources import (
     Sample,
     embedded_samples,
     first_per_class,
+    first_per_class_indices,
     folder_samples,
     holdout_split,
     list_samples,
@@ -144,6 +145,13 @@ class ImageDataModule(L.LightningDataModule):
             self.eval_dataset = self._dataset("eval", eval_transform(*size))
             if self.eval_dataset is None and stage in ("test", "predict"):
                 raise ValueError("evaluation needs data.root (a folder of images)")
+
+    def eval_indices_per_class(self, count: int, key: str = "count") -> list[int]:
+        """Dataset indices of the first ``count`` evaluated images of each class, in loading order: a
+        class-balanced subset of the evaluated set, the same on every process (``key`` names the setting in
+        errors)."""
+        self.setup("test")
+        return first_per_class_indices([label for _, label in self.eval_dataset.samples], _at_least_one(count, key))
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         workers = self.hparams.num_workers

@@ -107,15 +107,20 @@ def embedded_samples() -> list[Sample]:
     return samples
 
 
-def first_per_class(samples: Sequence[Sample], count: int) -> list[Sample]:
-    """The first ``count`` samples of each label, in the original order."""
+def first_per_class_indices(labels: Sequence[int], count: int) -> list[int]:
+    """The positions of the first ``count`` items of each label, in the original order."""
     seen: dict[int, int] = {}
     kept = []
-    for path, label in samples:
+    for position, label in enumerate(labels):
         seen[label] = seen.get(label, 0) + 1
         if seen[label] <= count:
-            kept.append((path, label))
+            kept.append(position)
     return kept
+
+
+def first_per_class(samples: Sequence[Sample], count: int) -> list[Sample]:
+    """The first ``count`` samples of each label, in the original order."""
+    return [samples[i] for i in first_per_class_indices([label for _, label in samples], count)]
 
 
 def _relative_key(path: str, root: str | os.PathLike) -> str:
