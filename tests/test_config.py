@@ -163,6 +163,7 @@ def test_unknown_explainer_options_stop_evaluate(capsys, no_backbone):
         ("train", ["-m", "experiment=tame_lite0_imagenette", "hparams_search=lite0_recipe"]),
         ("train", ["experiment=lite0_imagenette_best", "--cfg", "job"]),
         ("evaluate", ["+explainer.ge_scorecam={name: ge, base: scorecam, batch_size: 8}", "+heads.x.checkpoint=p"]),
+        ("evaluate", ["comparison=lite0_imagenette", "heads.best.checkpoint=p", "--cfg", "job"]),
     ],
 )
 def test_valid_command_lines_pass_the_check(config, argv, no_backbone):
@@ -196,3 +197,14 @@ def test_the_command_line_fails_fast_with_the_valid_keys(tmp_path):
     assert result.returncode != 0
     assert "unknown key 'optimizer.max_lrr'" in result.stderr and "max_lr: float" in result.stderr
     assert not (tmp_path / "outputs").exists()  # no run started
+
+
+def test_the_faithfulness_comparison_scores_every_method_and_the_trained_heads(tmp_path):
+    """README "Which explainer is most faithful?": a method added later must join the table."""
+    from tame_lit import explainers
+
+    cfg = compose_train(["comparison=lite0_imagenette"], tmp_path, config="evaluate")
+    assert set(explainers.available()) <= set(cfg.explainers)
+    assert {"best", "tame", "sacam"} <= set(cfg.explainers) <= {*explainers.available(), *cfg.heads}
+    assert cfg.compare_to == "gradcam" and cfg.data.limit is None and cfg.data.limit_per_class is None
+    assert set(cfg.subset_explainers) == {"ablationcam", "rise", "scorecam", "sise"} and cfg.subset_per_class == 20
