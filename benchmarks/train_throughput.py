@@ -8,7 +8,7 @@ computes only the maps of the batch's labels (what ``HeadTrainingModule`` does; 
 processes) is measured separately. Each configuration runs in a fresh process so that its peak memory
 (CUDA: max allocated; CPU: peak RSS) is its own.
 
-    python benchmarks/train_throughput.py [--device cuda] [--batch 16] [--steps 10] [--heads tame sacam]
+    python benchmarks/train_throughput.py [--device cuda] [--batch 16] [--steps 10] [--heads tame sacam best]
 """
 
 from __future__ import annotations
@@ -40,15 +40,28 @@ def batch_of_images(batch: int, size: int) -> torch.Tensor:
     return torch.rand(batch, 3, size, size)
 
 
+def head_options(name: str) -> dict:
+    """A head by name (``tame``, ``sacam`` from CAM as its experiment trains it), or ``best``: the head of
+    ``experiment=lite0_imagenette_best`` (README "Which explainer is most faithful?"), with all its options."""
+    if name != "best":
+        return {"name": name, **({"init_from_classifier": True} if name == "sacam" else {})}
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tame_lit.config import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=lite0_imagenette_best"])
+    return OmegaConf.to_container(cfg.head, resolve=True)
+
+
 def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, device: str) -> dict:
     from tame_lit.training import HeadTrainingModule
 
     torch.manual_seed(0)
     weights = "imagenet" if backbone_name == "efficientnet_lite0" else None
     head_name, _, variant = mode.partition(":")
-    head = {"name": "tame" if head_name == "inference" else head_name}
-    if head["name"] == "sacam":
-        head["init_from_classifier"] = True
+    head = head_options("tame" if head_name == "inference" else head_name)
     module = HeadTrainingModule(backbone={"name": backbone_name, "weights": weights}, head=head)
     module.to(device).train()
     images = batch_of_images(batch, size).to(device)
