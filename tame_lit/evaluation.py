@@ -225,11 +225,11 @@ class EvaluationModule(L.LightningModule):
             if name in self.failures:
                 continue
             rows = self._rows_of(name, batch["indices"])
-            if rows is not None and not rows.any():  # none of its subset here: blank grid panels keep rows aligned
-                blank = torch.full(images.shape[-2:], float("nan"))
-                self.grid.maps.setdefault(name, []).extend([blank] * len(grid_rows))
-                continue
             chosen = _Chosen.of(rows, images, predictions, batch["indices"], batch.get("boxes"), logits)
+            if chosen.images.shape[0] == 0:  # none of its subset here: blank grid panels keep the rows aligned
+                no_maps = images.new_empty(0, *images.shape[-2:])
+                self.grid.maps.setdefault(name, []).extend(chosen.grid_maps(no_maps, grid_rows))
+                continue
             try:
                 started = time.perf_counter()
                 maps = explainer(chosen.images, chosen.predictions)
