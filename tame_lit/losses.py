@@ -1,5 +1,6 @@
 """TAME's masking objective: cross-entropy on the masked image plus area and smoothness of the masks, and
-optionally cross-entropy on the image masked by each map's top pixels only, as AD/IC@p masks it."""
+optionally cross-entropy on the image masked by each map's top pixels only, as AD/IC@p masks it, and the
+class probability left once those top pixels are deleted, as the deletion curve deletes them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tame_lit.maps import keep_top, top_count
+from tame_lit.maps import keep_top, top_count, top_set
 from tame_lit.metrics.ad_ic import percent
 
-__all__ = ["KEPT_GRADIENTS", "MaskingLoss", "area_loss", "top_fraction_mask", "variation_loss"]
+__all__ = [
+    "KEPT_GRADIENTS",
+    "MaskingLoss",
+    "area_loss",
+    "top_fraction_indicator",
+    "top_fraction_mask",
+    "variation_loss",
+]
 
 KEPT_GRADIENTS = ("straight_through", "hard")
 
@@ -59,15 +67,36 @@ def top_fraction_mask(
     maps = maps.float()  # threshold and sigmoid in float32, also under bf16-mixed autocast
     if gradient == "hard":
         return keep_top(maps, fraction)
-    flat = maps.detach().flatten(1)
-    count = top_count(flat.shape[1], fraction)
-    if count >= flat.shape[1]:
+    if top_count(maps[0].numel(), fraction) >= maps[0].numel():
         return maps
     with torch.no_grad():
         hard = keep_top(maps, fraction)
-        threshold = flat.kthvalue(flat.shape[1] - count + 1, dim=1).values  # the count-th largest value
-    soft = maps * torch.sigmoid((maps - threshold.view(-1, *([1] * (maps.dim() - 1)))) / temperature)
+    soft = maps * _relaxed_top(maps, fraction, temperature)
     return hard + (soft - soft.detach())  # forward exactly keep_top's values (soft - soft.detach() is 0)
+
+
+def top_fraction_indicator(maps: Tensor, fraction: float, temperature: float = 0.05) -> Tensor:
+    """Which pixels the deletion curve has deleted once ``fraction`` of them are gone, for training: 1 on each
+    ``[B, H, W]`` map's top ceil(fraction * H * W) pixels (``keep_top``'s, ties broken as it breaks them), 0
+    elsewhere, in float32. The gradient is that of ``sigmoid((maps - q) / temperature)`` (q as in
+    ``top_fraction_mask``): a 0/1 set has none, and this one tells pixels near the threshold whether to enter it.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    maps = maps.float()
+    with torch.no_grad():
+        hard = top_set(maps, fraction).float()
+    soft = _relaxed_top(maps, fraction, temperature)
+    return hard + (soft - soft.detach())
+
+
+def _relaxed_top(maps: Tensor, fraction: float, temperature: float) -> Tensor:
+    """sigmoid((maps - q) / temperature), q each map's count-th largest value (detached): the smooth stand-in
+    for "among the top ``fraction``" whose gradient the straight-through masks use."""
+    flat = maps.detach().flatten(1)
+    count = top_count(flat.shape[1], fraction)
+    threshold = flat.kthvalue(flat.shape[1] - count + 1, dim=1).values  # the count-th largest value
+    return torch.sigmoid((maps - threshold.view(-1, *([1] * (maps.dim() - 1)))) / temperature)
 
 
 @dataclass
@@ -84,6 +113,12 @@ class MaskingLoss:
     their soft values, the rest black), weighted by ``kept_ce`` (default 1.5, the weight of ``ce``). Each
     costs one more backbone pass (and its activations) per step. ``kept_gradient`` and ``kept_temperature``
     choose how the gradient crosses the top-p threshold (``top_fraction_mask``). Empty: TAME's objective.
+
+    ``deleted``: fractions p of pixels in (0, 1); each adds a term ``del@<p in percent>``, ``deleted_weight`` x
+    the mean softmax probability of the label once each map's top p pixels are deleted (set to black, as the
+    deletion curve deletes them; ``top_fraction_indicator``, whose gradient crosses the threshold as the
+    straight-through kept masks' does, at ``kept_temperature``). The objective the deletion AUC tests, which
+    the soft mask never sees: what a map ranks first must carry the class. One backbone pass each.
     """
 
     ce: float = 1.5
@@ -96,6 +131,8 @@ class MaskingLoss:
     kept_ce: float = 1.5
     kept_gradient: str = "straight_through"
     kept_temperature: float = 0.05
+    deleted: tuple[float, ...] = ()
+    deleted_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.selection not in ("batch", "diagonal"):
@@ -108,6 +145,16 @@ class MaskingLoss:
         names = self.kept_names()
         if len(set(names)) != len(names):
             raise ValueError(f"loss.kept lists a fraction twice: {list(self.kept)}")
+        deleted = tuple(self.deleted)
+        for fraction in deleted:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+                raise ValueError(
+                    f"loss.deleted must list fractions of pixels in (0, 1) (deleting all leaves a black image), got "
+                    f"{fraction!r} in {list(deleted)}"
+                )
+        self.deleted = tuple(float(f) for f in deleted)
+        if len(set(self.deleted_names())) != len(self.deleted):
+            raise ValueError(f"loss.deleted lists a fraction twice: {list(self.deleted)}")
         if self.kept_gradient not in KEPT_GRADIENTS:
             raise ValueError(f"loss.kept_gradient must be one of {KEPT_GRADIENTS}, got {self.kept_gradient!r}")
         if not self.kept_temperature > 0:
@@ -117,9 +164,17 @@ class MaskingLoss:
         """The terms' names, ``ce@<percent>`` for each fraction of ``kept`` (``ce@15``, ``ce@2.5``)."""
         return [f"ce@{percent(f)}" for f in self.kept]
 
+    def deleted_names(self) -> list[str]:
+        """The terms' names, ``del@<percent>`` for each fraction of ``deleted`` (``del@10``)."""
+        return [f"del@{percent(f)}" for f in self.deleted]
+
     def kept_mask(self, own: Tensor, fraction: float) -> Tensor:
         """The mask of the ``ce@<fraction>`` term from each image's upsampled map ``own`` [B, H, W]."""
         return top_fraction_mask(own, fraction, self.kept_gradient, self.kept_temperature)
+
+    def deleted_mask(self, own: Tensor, fraction: float) -> Tensor:
+        """What multiplies the image in the ``del@<fraction>`` term: 0 on each map's top ``fraction``, 1 elsewhere."""
+        return 1 - top_fraction_indicator(own, fraction, self.kept_temperature)
 
     def regularised_maps(self, masks: Tensor, label_columns: Tensor) -> Tensor:
         """``masks`` [B, K, h, w] (sigmoid maps of K classes); ``label_columns`` [B] each label's column."""
@@ -134,10 +189,16 @@ class MaskingLoss:
         masks: Tensor,
         label_columns: Tensor,
         kept_logits: Sequence[Tensor] = (),
+        deleted_logits: Sequence[Tensor] = (),
     ) -> dict[str, Tensor]:
-        """``kept_logits``: the logits of the image masked by ``kept_mask`` at each fraction of ``kept``."""
+        """``kept_logits`` / ``deleted_logits``: the logits of the image times ``kept_mask`` / ``deleted_mask`` at
+        each fraction of ``kept`` / ``deleted``."""
         if len(kept_logits) != len(self.kept):
             raise ValueError(f"loss.kept={list(self.kept)} needs {len(self.kept)} kept logits, got {len(kept_logits)}")
+        if len(deleted_logits) != len(self.deleted):
+            raise ValueError(
+                f"loss.deleted={list(self.deleted)} needs {len(self.deleted)} deleted logits, got {len(deleted_logits)}"
+            )
         regularised = self.regularised_maps(masks, label_columns)
         terms = {
             "ce": self.ce * F.cross_entropy(masked_logits.float(), labels),
@@ -147,5 +208,9 @@ class MaskingLoss:
         terms["loss"] = terms["ce"] + terms["area"] + terms["variation"]
         for name, logits in zip(self.kept_names(), kept_logits, strict=True):
             terms[name] = self.kept_ce * F.cross_entropy(logits.float(), labels)
+            terms["loss"] = terms["loss"] + terms[name]
+        for name, logits in zip(self.deleted_names(), deleted_logits, strict=True):
+            probability = logits.float().softmax(dim=1).gather(1, labels.unsqueeze(1))
+            terms[name] = self.deleted_weight * probability.mean()
             terms["loss"] = terms["loss"] + terms[name]
         return terms

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["keep_top", "normalize", "top_count", "upsample"]
+__all__ = ["keep_top", "normalize", "top_count", "top_set", "upsample"]
 
 
 def normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
@@ -42,9 +42,16 @@ def keep_top(maps: Tensor, fraction: float) -> Tensor:
     Per image, so the batch size never changes the result (the original TAME threshold was batch-wide).
     Ties at the threshold are broken by position, so the count is always exact.
     """
+    if top_count(maps[0].numel(), fraction) >= maps[0].numel():
+        return maps
+    return torch.where(top_set(maps, fraction), maps, torch.zeros_like(maps))
+
+
+def top_set(maps: Tensor, fraction: float) -> Tensor:
+    """Boolean ``[B, ...]``: each map's ceil(fraction * h * w) highest pixels, ties broken by position, so the
+    count is exact: the pixels ``keep_top`` keeps, and those the deletion curve deletes first (up to the order of
+    ties, which it breaks by a stable sort)."""
     flat = maps.flatten(1)
     count = top_count(flat.shape[1], fraction)
-    if count >= flat.shape[1]:
-        return maps
-    values, indices = flat.topk(count, dim=1, sorted=False)
-    return torch.zeros_like(flat).scatter_(1, indices, values).view_as(maps)
+    indices = flat.topk(count, dim=1, sorted=False).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, indices, True).view_as(maps)

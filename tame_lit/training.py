@@ -3,7 +3,8 @@
 One step (tame.md §2.2): clean pass (hooks capture the head's layers; the label is the backbone's own
 top-1 unless ground truth is asked for) -> head -> sigmoid map of each image's label, upsampled -> mask the
 [0, 1] image -> second backbone pass -> CE + area + variation (+ one pass and CE per fraction of ``loss.kept``,
-on the image masked by the map's top pixels). Only the head is trained and checkpointed.
+on the image masked by the map's top pixels, and one pass and the label's probability per fraction of
+``loss.deleted``, on the image with those pixels deleted). Only the head is trained and checkpointed.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class HeadTrainingModule(L.LightningModule):
         """Loss terms and the masked image's logits, computing only the maps of the batch's labels.
 
         With ``loss.kept``, one more backbone pass per fraction p, on the image masked by each map's top p
-        pixels (``MaskingLoss.kept_mask``), gives the terms ``ce@<p>``."""
+        pixels (``MaskingLoss.kept_mask``), gives the terms ``ce@<p>``; with ``loss.deleted``, one per fraction
+        on the image with those pixels deleted (``MaskingLoss.deleted_mask``), the terms ``del@<p>``."""
         classes, columns = torch.unique(labels, return_inverse=True)
         masks = torch.sigmoid(self.head(features, classes).float())  # [B, U, h, w]
         own = upsample(select_classes(masks, classes, labels), images.shape[-2:])
@@ -119,7 +121,11 @@ class HeadTrainingModule(L.LightningModule):
             self.backbone(images * self.objective.kept_mask(own, fraction).unsqueeze(1).to(images.dtype))
             for fraction in self.objective.kept
         ]
-        return self.objective(masked_logits, labels, masks, columns, kept_logits), masked_logits
+        deleted_logits = [
+            self.backbone(images * self.objective.deleted_mask(own, fraction).unsqueeze(1).to(images.dtype))
+            for fraction in self.objective.deleted
+        ]
+        return self.objective(masked_logits, labels, masks, columns, kept_logits, deleted_logits), masked_logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         images = batch["images"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tame_lit.losses import MaskingLoss, area_loss, top_fraction_mask, variation_loss
+from tame_lit.losses import MaskingLoss, area_loss, top_fraction_indicator, top_fraction_mask, variation_loss
 from tame_lit.maps import keep_top
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
@@ -235,8 +235,90 @@ def test_masking_pass_runs_one_backbone_pass_per_kept_fraction():
         ({"kept": [0.15, 0.15]}, r"loss\.kept lists a fraction twice"),
         ({"kept_gradient": "soft"}, r"loss\.kept_gradient .*'soft'"),
         ({"kept_temperature": 0.0}, r"loss\.kept_temperature must be > 0"),
+        ({"deleted": [1.0]}, r"loss\.deleted .*\(0, 1\).*got 1\.0"),
+        ({"deleted": [0.1, 0.1]}, r"loss\.deleted lists a fraction twice"),
     ],
 )
 def test_kept_options_are_validated(options, message):
     with pytest.raises(ValueError, match=message):
         MaskingLoss(**options)
+
+
+# ---- deleted terms: the label's probability once the map's top pixels are deleted ------------------------------
+
+
+def test_top_fraction_indicator_marks_what_deletion_deletes_first():
+    own = HAND_MAP.clone().requires_grad_()
+    indicator = top_fraction_indicator(own, 0.25)
+    assert indicator.dtype == torch.float32
+    assert torch.equal(indicator.detach(), (HAND_MAP >= 0.80).float())  # the 4 largest, exactly 0/1
+    # the same pixels the deletion curve removes first
+    from tame_lit.metrics.deletion import pixel_ranks
+
+    first = torch.zeros(16).scatter_(0, pixel_ranks(HAND_MAP)[0, :4], 1.0).view(1, 4, 4)
+    assert torch.equal(indicator.detach(), first)
+    saturated = torch.tensor([[[1.0, 1.0, 1.0, 0.2], [1.0, 0.5, 0.1, 0.3]]])  # ties: exactly 2 of 8 marked
+    assert int(top_fraction_indicator(saturated, 0.25).sum()) == 2
+
+
+def test_top_fraction_indicator_gradient_is_that_of_the_sigmoid_relaxation():
+    temperature = 0.05
+    own = HAND_MAP.clone().requires_grad_()
+    weights = torch.linspace(-1.0, 2.0, 16).view(1, 4, 4)
+    (top_fraction_indicator(own, 0.25, temperature) * weights).sum().backward()
+    s = torch.sigmoid((HAND_MAP - 0.80) / temperature)  # q = 0.8, the 4th largest, held fixed
+    torch.testing.assert_close(own.grad, weights * s * (1 - s) / temperature)
+
+
+def test_loss_with_deleted_terms_by_hand():
+    loss = MaskingLoss(ce=1.5, area=2.0, variation=0.01, deleted=[0.1, 0.3], deleted_weight=0.4)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    deleted_10 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    deleted_30 = torch.tensor([[0.0, 2.0], [3.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    masks = torch.full((2, 2, 2, 2), 0.5)
+    terms = loss(logits, labels, masks, labels, deleted_logits=[deleted_10, deleted_30])
+    assert list(terms) == ["ce", "area", "variation", "loss", "del@10", "del@30"]
+
+    def probability(a, b):  # softmax probability of the first of two logits
+        return 1 / (1 + math.exp(b - a))
+
+    # image 0 (label 0) and image 1 (label 1): the label's probability after deletion, averaged
+    del_10 = (probability(1.0, 0.0) + probability(0.0, 0.0)) / 2
+    del_30 = (probability(0.0, 2.0) + probability(1.0, 3.0)) / 2
+    assert terms["del@10"].item() == pytest.approx(0.4 * del_10)
+    assert terms["del@30"].item() == pytest.approx(0.4 * del_30)
+    base = terms["ce"] + terms["area"] + terms["variation"]
+    assert terms["loss"].item() == pytest.approx(base.item() + 0.4 * (del_10 + del_30))
+    with pytest.raises(ValueError, match="needs 2 deleted logits, got 0"):
+        loss(logits, labels, masks, labels)
+
+
+def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass():
+    torch.manual_seed(0)
+    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, loss={"deleted": [0.2]})
+    images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
+    _, features = module.backbone.features(images, module.head.layers)
+    forward, seen = module.backbone.forward, []
+
+    def recording(x):
+        seen.append(x.detach())
+        return forward(x)
+
+    module.backbone.forward = recording
+    terms, _ = module.masking_pass(images, features, labels)
+    assert len(seen) == 2  # the masked image, then the deleted one
+    own = torch.nn.functional.interpolate(
+        torch.sigmoid(module.head(features))[torch.arange(2), labels][:, None], size=(64, 64),
+        mode="bilinear", align_corners=False,
+    )[:, 0]  # fmt: skip
+    # the deleted pixels: exactly ceil(20 %) per image, none less salient than any pixel left (bilinear maps tie)
+    deleted = (seen[1] == 0).all(dim=1) & (images != 0).all(dim=1)
+    assert deleted.flatten(1).sum(dim=1).tolist() == [math.ceil(0.2 * 64 * 64)] * 2
+    for b in range(2):
+        assert own[b][deleted[b]].min() >= own[b][~deleted[b]].max()
+    torch.testing.assert_close(seen[1], images * (~deleted)[:, None].float())
+    expected = forward(seen[1]).softmax(dim=1)[torch.arange(2), labels].mean()
+    torch.testing.assert_close(terms["del@20"], expected)
+    terms["del@20"].backward()  # the probability's gradient reaches the head through the relaxed threshold
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.head.parameters())
