@@ -116,9 +116,9 @@ class MaskingLoss:
 
     ``deleted``: fractions p of pixels in (0, 1); each adds a term ``del@<p in percent>``, ``deleted_weight`` x
     the mean softmax probability of the label once each map's top p pixels are deleted (set to black, as the
-    deletion curve deletes them; ``top_fraction_indicator``, whose gradient crosses the threshold as the
-    straight-through kept masks' does, at ``kept_temperature``). The objective the deletion AUC tests, which
-    the soft mask never sees: what a map ranks first must carry the class. One backbone pass each.
+    deletion curve deletes them, in the order of the upsampled logits; ``deleted_mask``). The objective the
+    deletion AUC tests, which the soft mask never sees: what a map ranks first must carry the class. One
+    backbone pass each.
     """
 
     ce: float = 1.5
@@ -172,9 +172,13 @@ class MaskingLoss:
         """The mask of the ``ce@<fraction>`` term from each image's upsampled map ``own`` [B, H, W]."""
         return top_fraction_mask(own, fraction, self.kept_gradient, self.kept_temperature)
 
-    def deleted_mask(self, own: Tensor, fraction: float) -> Tensor:
-        """What multiplies the image in the ``del@<fraction>`` term: 0 on each map's top ``fraction``, 1 elsewhere."""
-        return 1 - top_fraction_indicator(own, fraction, self.kept_temperature)
+    def deleted_mask(self, order: Tensor, fraction: float) -> Tensor:
+        """What multiplies the image in the ``del@<fraction>`` term: 0 on each map's top ``fraction``, 1 elsewhere.
+
+        ``order`` [B, H, W]: each image's upsampled logits of its label, min-max to [0, 1]. They rank pixels as
+        the head's explanations do, and unlike the sigmoid mask they do not saturate, so pixels near the
+        threshold get a gradient (at ``kept_temperature`` on that [0, 1] scale)."""
+        return 1 - top_fraction_indicator(order, fraction, self.kept_temperature)
 
     def regularised_maps(self, masks: Tensor, label_columns: Tensor) -> Tensor:
         """``masks`` [B, K, h, w] (sigmoid maps of K classes); ``label_columns`` [B] each label's column."""

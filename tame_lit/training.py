@@ -24,7 +24,7 @@ from tame_lit.checkpoints import IncompatibleCheckpointError
 from tame_lit.features import preserved_state
 from tame_lit.heads import head_maps, select_classes
 from tame_lit.losses import MaskingLoss
-from tame_lit.maps import upsample
+from tame_lit.maps import normalize, upsample
 from tame_lit.metrics import AverageDropIncrease, ScoredBatch
 
 __all__ = ["HeadTrainingModule", "IncompatibleCheckpointError", "OptimizerConfig"]
@@ -114,17 +114,21 @@ class HeadTrainingModule(L.LightningModule):
         pixels (``MaskingLoss.kept_mask``), gives the terms ``ce@<p>``; with ``loss.deleted``, one per fraction
         on the image with those pixels deleted (``MaskingLoss.deleted_mask``), the terms ``del@<p>``."""
         classes, columns = torch.unique(labels, return_inverse=True)
-        masks = torch.sigmoid(self.head(features, classes).float())  # [B, U, h, w]
+        maps = self.head(features, classes).float()  # [B, U, h, w] logits
+        masks = torch.sigmoid(maps)
         own = upsample(select_classes(masks, classes, labels), images.shape[-2:])
         masked_logits = self.backbone(images * own.unsqueeze(1).to(images.dtype))
         kept_logits = [
             self.backbone(images * self.objective.kept_mask(own, fraction).unsqueeze(1).to(images.dtype))
             for fraction in self.objective.kept
         ]
-        deleted_logits = [
-            self.backbone(images * self.objective.deleted_mask(own, fraction).unsqueeze(1).to(images.dtype))
-            for fraction in self.objective.deleted
-        ]
+        deleted_logits = []
+        if self.objective.deleted:  # ranked as the explanations rank pixels: by the upsampled logits, unsaturated
+            order = normalize(upsample(select_classes(maps, classes, labels), images.shape[-2:]))
+            deleted_logits = [
+                self.backbone(images * self.objective.deleted_mask(order, fraction).unsqueeze(1).to(images.dtype))
+                for fraction in self.objective.deleted
+            ]
         return self.objective(masked_logits, labels, masks, columns, kept_logits, deleted_logits), masked_logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

@@ -308,9 +308,8 @@ def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass():
     module.backbone.forward = recording
     terms, _ = module.masking_pass(images, features, labels)
     assert len(seen) == 2  # the masked image, then the deleted one
-    own = torch.nn.functional.interpolate(
-        torch.sigmoid(module.head(features))[torch.arange(2), labels][:, None], size=(64, 64),
-        mode="bilinear", align_corners=False,
+    own = torch.nn.functional.interpolate(  # the logits, upsampled: the explanations' pixel order
+        module.head(features)[torch.arange(2), labels][:, None], size=(64, 64), mode="bilinear", align_corners=False,
     )[:, 0]  # fmt: skip
     # the deleted pixels: exactly ceil(20 %) per image, none less salient than any pixel left (bilinear maps tie)
     deleted = (seen[1] == 0).all(dim=1) & (images != 0).all(dim=1)
