@@ -195,6 +195,21 @@ def test_validate_first_logs_the_untrained_baseline_then_trains(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_run_stopped_by_its_time_limit_validates_checkpoints_and_exports_the_head_it_reached(tmp_path):
+    """trainer.max_time (the best recipe's 60-minute bound) reaches Lightning, and a run it stops mid-schedule
+    still ends as a finished run: final validation, checkpoints, export."""
+    slow = ["+callbacks.slow._target_=tests.helpers.SlowSteps", "+callbacks.slow.seconds=0.5"]
+    metrics = train(compose_train([*RUN, *slow, "trainer.max_steps=-1", "trainer.max_epochs=100",
+                                   "trainer.max_time=00:00:00:02"], tmp_path))  # fmt: skip
+    rows = read_csv_metrics(tmp_path)
+    steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    validated = [int(row["step"]) for row in rows if row.get("val/AD@15")]
+    assert 1 <= max(steps) < 20  # stopped by the clock, long before 100 epochs
+    assert validated and validated[-1] >= max(steps)  # the head reached was validated
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "export" / "explainer.json").is_file()
+    assert 0 <= metrics["val/AD@15"] <= 100
+
+
 def test_a_checkpoint_loads_as_an_explainer(tmp_path):
     import tame_lit
     from tame_lit.explainers import HeadExplainer
