@@ -4,7 +4,7 @@ class probability left once those top pixels are deleted, as the deletion curve 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +99,19 @@ def _relaxed_top(maps: Tensor, fraction: float, temperature: float) -> Tensor:
     return torch.sigmoid((maps - threshold.view(-1, *([1] * (maps.dim() - 1)))) / temperature)
 
 
+def _fractions(key: str, values: Sequence[object], valid: str, within: Callable[[float], bool]) -> tuple[float, ...]:
+    """``values`` as a tuple of floats, each a number ``within`` its range and none twice (as its term's name,
+    in percent, would be), or a ValueError naming ``key``, the value at fault and the ``valid`` range."""
+    values = tuple(values)
+    for fraction in values:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not within(fraction):
+            raise ValueError(f"{key} must list fractions of pixels in {valid}, got {fraction!r} in {list(values)}")
+    fractions = tuple(float(f) for f in values)
+    if len({percent(f) for f in fractions}) != len(fractions):
+        raise ValueError(f"{key} lists a fraction twice: {list(fractions)}")
+    return fractions
+
+
 @dataclass
 class MaskingLoss:
     """L = ce * CE(logits of masked image, labels) + area * Area(A) + variation * Var(A)
@@ -137,24 +150,10 @@ class MaskingLoss:
     def __post_init__(self) -> None:
         if self.selection not in ("batch", "diagonal"):
             raise ValueError(f"loss.selection must be 'batch' or 'diagonal', got {self.selection!r}")
-        kept = tuple(self.kept)
-        for fraction in kept:
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-                raise ValueError(f"loss.kept must list fractions of pixels in (0, 1], got {fraction!r} in {list(kept)}")
-        self.kept = tuple(float(f) for f in kept)
-        names = self.kept_names()
-        if len(set(names)) != len(names):
-            raise ValueError(f"loss.kept lists a fraction twice: {list(self.kept)}")
-        deleted = tuple(self.deleted)
-        for fraction in deleted:
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-                raise ValueError(
-                    f"loss.deleted must list fractions of pixels in (0, 1) (deleting all leaves a black image), got "
-                    f"{fraction!r} in {list(deleted)}"
-                )
-        self.deleted = tuple(float(f) for f in deleted)
-        if len(set(self.deleted_names())) != len(self.deleted):
-            raise ValueError(f"loss.deleted lists a fraction twice: {list(self.deleted)}")
+        self.kept = _fractions("loss.kept", self.kept, "(0, 1]", lambda f: 0.0 < f <= 1.0)
+        self.deleted = _fractions(
+            "loss.deleted", self.deleted, "(0, 1) (deleting all leaves a black image)", lambda f: 0.0 < f < 1.0
+        )
         if self.kept_gradient not in KEPT_GRADIENTS:
             raise ValueError(f"loss.kept_gradient must be one of {KEPT_GRADIENTS}, got {self.kept_gradient!r}")
         if not self.kept_temperature > 0:

@@ -116,7 +116,8 @@ class HeadTrainingModule(L.LightningModule):
         classes, columns = torch.unique(labels, return_inverse=True)
         maps = self.head(features, classes).float()  # [B, U, h, w] logits
         masks = torch.sigmoid(maps)
-        own = upsample(select_classes(masks, classes, labels), images.shape[-2:])
+        own_maps = select_classes(maps, classes, labels)  # each image's logits of its label
+        own = upsample(torch.sigmoid(own_maps), images.shape[-2:])
         masked_logits = self.backbone(images * own.unsqueeze(1).to(images.dtype))
         kept_logits = [
             self.backbone(images * self.objective.kept_mask(own, fraction).unsqueeze(1).to(images.dtype))
@@ -124,7 +125,7 @@ class HeadTrainingModule(L.LightningModule):
         ]
         deleted_logits = []
         if self.objective.deleted:  # ranked as the explanations rank pixels: by the upsampled logits, unsaturated
-            order = normalize(upsample(select_classes(maps, classes, labels), images.shape[-2:]))
+            order = normalize(upsample(own_maps, images.shape[-2:]))
             deleted_logits = [
                 self.backbone(images * self.objective.deleted_mask(order, fraction).unsqueeze(1).to(images.dtype))
                 for fraction in self.objective.deleted

@@ -7,6 +7,7 @@ import torch
 
 from tame_lit.losses import MaskingLoss, area_loss, top_fraction_indicator, top_fraction_mask, variation_loss
 from tame_lit.maps import keep_top
+from tame_lit.metrics.deletion import pixel_ranks
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
 
@@ -253,8 +254,6 @@ def test_top_fraction_indicator_marks_what_deletion_deletes_first():
     assert indicator.dtype == torch.float32
     assert torch.equal(indicator.detach(), (HAND_MAP >= 0.80).float())  # the 4 largest, exactly 0/1
     # the same pixels the deletion curve removes first
-    from tame_lit.metrics.deletion import pixel_ranks
-
     first = torch.zeros(16).scatter_(0, pixel_ranks(HAND_MAP)[0, :4], 1.0).view(1, 4, 4)
     assert torch.equal(indicator.detach(), first)
     saturated = torch.tensor([[[1.0, 1.0, 1.0, 0.2], [1.0, 0.5, 0.1, 0.3]]])  # ties: exactly 2 of 8 marked
