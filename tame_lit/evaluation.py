@@ -191,6 +191,8 @@ class EvaluationModule(L.LightningModule):
         self.results: dict[str, dict[str, float]] = {}
         self.curves: dict[str, dict[str, Any]] = {}
         self.per_image: dict[str, dict[str, dict[str, Tensor]]] = {}
+        # per metric, the settings it applied beyond its options (the same for every explainer): for the report
+        self.metric_settings: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}
 
     def _metrics(self) -> nn.ModuleDict:
@@ -287,6 +289,7 @@ class EvaluationModule(L.LightningModule):
             per_image: dict[str, dict[str, Tensor]] = {}
             for metric_name, metric in metrics.items():
                 row.update(metric.compute())
+                self.metric_settings.setdefault(metric_name, metric.settings())
                 curves.update({key: curve.to_dict() for key, curve in metric.curves().items()})
                 per_image[metric_name] = metric.per_image()
             timing = {key: float(timer.compute()) for key, timer in self.timing[name].items()}

@@ -174,6 +174,11 @@ def test_steps_sets_the_step_from_the_image_size():
     metric = DeletionInsertion(step=None, steps=4)
     metric.update(ScoredBatch(tiny_cnn(), torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8), torch.tensor([2])))
     assert points(metric)["fraction"] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    assert metric.settings() == {"image_size": [8, 8], "step": 16, "steps": 4}  # what the report prints
+    uneven = DeletionInsertion(step=None, steps=30)
+    assert uneven.settings() == {}  # the step depends on the image size, unknown before the first update
+    uneven.update(ScoredBatch(tiny_cnn(), torch.rand(1, 3, 10, 10), torch.rand(1, 10, 10), torch.tensor([2])))
+    assert uneven.settings() == {"image_size": [10, 10], "step": 4, "steps": 25}
 
 
 def test_perfect_map_beats_reversed_map():

@@ -204,6 +204,11 @@ class FaithfulnessMetric(Metric):
         """Mean curves over every process (none by default)."""
         return {}
 
+    def settings(self) -> dict[str, Any]:
+        """The settings this metric applied where they differ from its options as given (e.g. the step in pixels
+        that a number of steps resolved to), for the report; none by default."""
+        return {}
+
     def record(self, indices: Tensor, **values: Tensor) -> None:
         """Keep each image's value of the per-image keys (``[B]`` each, same images as ``indices``)."""
         missing = set(self.per_image_keys) - set(values)

@@ -280,6 +280,15 @@ class DeletionInsertion(FaithfulnessMetric):
                                x.tolist(), insertion.tolist(), summary_key="insertion_auc"),
         }  # fmt: skip
 
+    def settings(self) -> dict[str, Any]:
+        """The step in pixels and the number of steps applied, once the image size is known (after an update)."""
+        size = self._size()
+        if size is None:
+            return {}
+        pixels = size[0] * size[1]
+        step = resolve_step(pixels, self.step, self.steps)
+        return {"image_size": list(size), "step": step, "steps": math.ceil(pixels / step)}
+
     def _size(self) -> tuple[int, int] | None:
         height, width = (int(value) for value in self.size.tolist())
         return None if height == 0 else (height, width)
