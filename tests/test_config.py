@@ -161,6 +161,7 @@ def test_unknown_explainer_options_stop_evaluate(capsys, no_backbone):
         ("train", ["+callbacks.stop._target_=tests.helpers.StopAfterStep", "+callbacks.stop.step=3"]),
         ("train", ["experiment=tame_vgg16_imagenet", "--cfg", "job"]),
         ("train", ["-m", "experiment=tame_lite0_imagenette", "hparams_search=lite0_recipe"]),
+        ("train", ["-m", "experiment=lite0_imagenette_best", "hparams_search=lite0_recipe"]),
         ("train", ["experiment=lite0_imagenette_best", "--cfg", "job"]),
         ("evaluate", ["+explainer.ge_scorecam={name: ge, base: scorecam, batch_size: 8}", "+heads.x.checkpoint=p"]),
         ("evaluate", ["comparison=lite0_imagenette", "heads.best.checkpoint=p", "--cfg", "job"]),
