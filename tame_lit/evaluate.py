@@ -37,6 +37,8 @@ DATA_KEYS_TO_CITE = (
     "resize_size",
     "crop_size",
     "class_index",
+    "num_shards",
+    "shard",
 )
 
 
@@ -209,6 +211,10 @@ def _write_outputs(cfg, trainer, datamodule, module, backbone, settings, failure
         "explainers": settings,
         "metrics": {
             "options": OmegaConf.to_container(cfg.metrics, resolve=True),
+            # what the options resolved to (e.g. metrics.deletion.steps replaces step: the step applied)
+            "applied": {name: applied for name, applied in module.metric_settings.items() if applied}
+            if module is not None
+            else {},
             "seed": cfg.seed,
         },
     }

@@ -10,6 +10,7 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +267,9 @@ def write_report(
     write_json(paths["metrics.json"], {name: dict(row) for name, row in results.items()})
     _write_csv(paths["metrics.csv"], results, columns)
     write_json(paths["curves.json"], {name: dict(c) for name, c in curves.items()})
-    write_json(paths["run.json"], {**meta, **summary, "mean_rank": mean_ranks(results, columns)})
+    # the columns too, so that tame-merge can rebuild the tables of several runs without their metrics
+    run = {**meta, **summary, "mean_rank": mean_ranks(results, columns), "columns": [asdict(c) for c in columns]}
+    write_json(paths["run.json"], run)
     if per_image:
         paths["per_image.csv"] = run_dir / "per_image.csv"
         _write_per_image(paths["per_image.csv"], per_image)
@@ -324,10 +327,14 @@ def _markdown(results: Results, columns: Sequence[Column], summary: Mapping, met
     ranked = ", ".join(c.title.rstrip(" ↑↓") for c in columns if c.primary and c.higher_is_better is not None)
     accuracy = summary.get("top1_accuracy")
     backbone = meta.get("backbone", {})
+    merged_from = meta.get("merged_from") or []
+    runs = ", ".join(f"`{path}`" for path in merged_from)
+    provenance = [f"- Merged (tame-merge) from the runs {runs}"] if merged_from else []
     lines = [
         f"# Explainer evaluation: {backbone.get('name', '?')} on {meta.get('data', {}).get('name', '?')}",
         "",
         f"- Date: {meta.get('date', '')}; tame-lit {meta.get('version', '')}; command: `{meta.get('command', '')}`",
+        *provenance,
         f"- Model: `{meta.get('backbone', {})}`",
         f"- Data: `{meta.get('data', {})}`; {meta.get('images', 0)} images evaluated"
         + (f", {summary.get('skipped_images')} unreadable images skipped" if summary.get("skipped_images") else ""),
@@ -366,9 +373,22 @@ def _markdown(results: Results, columns: Sequence[Column], summary: Mapping, met
         lines.append("")
     lines += ["## Explainer settings", ""]
     lines += [f"- `{name}`: `{settings}`" for name, settings in meta.get("explainers", {}).items()]
-    lines += ["", f"Metric settings: `{meta.get('metrics', {})}`", ""]
+    lines += ["", *_metric_settings_markdown(meta.get("metrics", {})), ""]
     if figures:
         lines += ["## Plots", ""]
         lines += [f"![{name}]({name})" for name in figures]
         lines.append("")
     return "\n".join(lines)
+
+
+def _metric_settings_markdown(metrics: Mapping[str, Any]) -> list[str]:
+    """One line per metric: its options as configured, then what they resolved to where that differs (a number
+    of deletion steps replaces the configured step, so the step applied is printed, not the config's)."""
+    options, applied = metrics.get("options") or {}, metrics.get("applied") or {}
+    lines = [f"## Metric settings (bootstrap and sampling seed {metrics.get('seed')})", ""]
+    for name, given in options.items():
+        line = f"- `{name}`: `{given}`"
+        if applied.get(name):
+            line += f"; applied: `{applied[name]}`"
+        lines.append(line)
+    return lines

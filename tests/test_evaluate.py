@@ -132,6 +132,9 @@ def test_cli_writes_every_output_with_boxes_and_wandb_offline(tmp_path):
     assert "| explainer | mean rank" in report and "![heatmaps.png](heatmaps.png)" in report
     assert "## 95 % confidence intervals" in report and "## Paired comparison with gradcam" in report
     assert "vs gradcam W/T/L" in report and "| gradcam |" in report
+    # the step that steps=4 resolved to on 64x64 images, not the config's unused default step
+    deletion_line = next(line for line in report.splitlines() if line.startswith("- `deletion`"))
+    assert "applied: `{'image_size': [64, 64], 'step': 1024, 'steps': 4}`" in deletion_line
     for name in ("heatmaps.png", "deletion.png", "insertion.png", "road.png"):
         assert (run_dir / name).stat().st_size > 1000, name
     assert "gradcam" in result.stdout and "Deletion" in result.stdout  # the table in the terminal

@@ -72,7 +72,8 @@ class ImageDataset(Dataset):
 
     Items are ``(image, label, index)``, or ``(image, label, index, boxes)`` with ``boxes`` (a
     ``BoxSource``): the image's bounding boxes ``[n, 5]`` (class, x0, y0, x1, y1), moved by the same
-    resize and crop as the image.
+    resize and crop as the image. ``index`` is the sample's position, or with ``indices`` (one per sample)
+    the index it has in a larger list (a shard's images keep their indices in the whole evaluated set).
     """
 
     def __init__(
@@ -81,8 +82,12 @@ class ImageDataset(Dataset):
         transform: Callable,
         draft_size: int | None = None,
         boxes: BoxSource | None = None,
+        indices: Sequence[int] | None = None,
     ) -> None:
         self.samples = list(samples)
+        if indices is not None and len(indices) != len(self.samples):
+            raise ValueError(f"{len(indices)} indices for {len(self.samples)} samples: give one index per sample")
+        self.indices = None if indices is None else [int(index) for index in indices]
         self.transform = transform
         self.draft_size = draft_size
         self.boxes = boxes
@@ -97,11 +102,12 @@ class ImageDataset(Dataset):
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
             warnings.warn(f"skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=2)
             return None
+        reported = index if self.indices is None else self.indices[index]
         if self.boxes is None:
-            return self.transform(image), label, index
+            return self.transform(image), label, reported
         classes, boxes = self.boxes.for_image(path, image.size)
         tensor, moved = self.transform(image, boxes)
-        return tensor, label, index, visible_boxes(classes, moved)
+        return tensor, label, reported, visible_boxes(classes, moved)
 
 
 def collate(items: Sequence[tuple | None]) -> dict[str, object]:

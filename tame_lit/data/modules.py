@@ -47,7 +47,10 @@ class ImageDataModule(L.LightningDataModule):
     chosen by a hash of each path relative to ``train_root`` (``sources.holdout_split``). The split comes
     first, then each side's ``*limit_per_class``, then its ``*limit``. ``boxes_dir``: bounding boxes of the
     evaluated images (ImageNet validation XML), for the pointing games. ``eval_batch_size`` defaults to
-    ``batch_size``.
+    ``batch_size``. ``num_shards`` / ``shard``: evaluate only every ``num_shards``-th of the evaluated images
+    (after the limits), starting at position ``shard``, each keeping its index in the whole set, so that
+    ``tame-merge`` can join the shards' runs into the run of the whole set (an evaluation too long for one
+    sitting, or spread over machines). Under ``train.py`` they would shard the validation images: leave them.
     """
 
     def __init__(
@@ -69,8 +72,13 @@ class ImageDataModule(L.LightningDataModule):
         crop_size: int = 224,
         class_index: str = "auto",
         pin_memory: bool = True,
+        num_shards: int = 1,
+        shard: int = 0,
     ) -> None:
         super().__init__()
+        _at_least_one(num_shards, "data.num_shards")
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"data.shard must be in 0 .. data.num_shards - 1 = {num_shards - 1}, got {shard}")
         if holdout_per_class is not None:
             _at_least_one(holdout_per_class, "data.holdout_per_class")
             if train_root is None:
@@ -83,6 +91,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.eval_dataset: Dataset | None = None
         self.class_names: list[str] | None = None
+        self.eval_labels: list[int] = []  # the labels of every evaluated image, in order (all shards)
 
     def _samples(self, split: str) -> list[Sample] | None:
         train = split == "train"
@@ -128,12 +137,17 @@ class ImageDataModule(L.LightningDataModule):
         limit = self.hparams[f"{prefix}limit"]
         if limit is not None:
             samples = samples[: _at_least_one(limit, f"data.{prefix}limit")]
+        if split != "eval":
+            return ImageDataset(samples, transform, draft_size=self.hparams.resize_size)
+        self.eval_labels = [label for _, label in samples]  # of the whole set, also when one shard is evaluated
+        indices = range(self.hparams.shard, len(samples), self.hparams.num_shards)
+        samples = [samples[index] for index in indices]
         boxes = None
-        if split == "eval" and self.hparams.boxes_dir:
+        if self.hparams.boxes_dir:
             folder_index = {name: index for index, name in enumerate(self.class_names or [])}
             boxes = BoxSource(self.hparams.boxes_dir, folder_index)
             boxes.check([path for path, _ in samples])
-        return ImageDataset(samples, transform, draft_size=self.hparams.resize_size, boxes=boxes)
+        return ImageDataset(samples, transform, draft_size=self.hparams.resize_size, boxes=boxes, indices=indices)
 
     def setup(self, stage: str | None = None) -> None:
         size = (self.hparams.resize_size, self.hparams.crop_size)
@@ -151,7 +165,7 @@ class ImageDataModule(L.LightningDataModule):
         class-balanced subset of the evaluated set, the same on every process (``key`` names the setting in
         errors)."""
         self.setup("test")
-        return first_per_class_indices([label for _, label in self.eval_dataset.samples], _at_least_one(count, key))
+        return first_per_class_indices(self.eval_labels, _at_least_one(count, key))
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         workers = self.hparams.num_workers
