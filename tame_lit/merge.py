@@ -58,6 +58,11 @@ class _Run:
         data = self.run.get("data", {})
         return int(data.get("shard", 0)), int(data.get("num_shards", 1))
 
+    @property
+    def data(self) -> dict[str, Any]:
+        """The run's data settings without its shard: what every merged run must share."""
+        return {key: value for key, value in self.run.get("data", {}).items() if key not in SHARD_KEYS}
+
     def images_of(self, name: str) -> frozenset[int]:
         return frozenset(index for values in self.values.get(name, {}).values() for index in values)
 
@@ -99,7 +104,9 @@ def merge_runs(
     _check_compatible(runs)
     first = runs[0]
     columns = [Column(**column) for column in first.run["columns"]]
-    settings = first.run.get("statistics") or {}
+    settings = first.run.get("statistics")
+    if not settings:
+        raise MergeError(f"{first.path / 'run.json'} records no statistics settings: evaluate again")
     reference = compare_to if compare_to is not None else settings.get("compare_to")
     names = list(dict.fromkeys(name for run in runs for name in run.results))
     if reference is not None and reference not in names:
@@ -116,19 +123,13 @@ def merge_runs(
         for part in parts:
             for key, values in part.values.get(name, {}).items():
                 merged[key].update(values)
-        per_image[name] = {
-            key: {
-                "index": torch.tensor(sorted(values), dtype=torch.long),
-                key: torch.tensor([values[index] for index in sorted(values)], dtype=torch.float64),
-            }
-            for key, values in merged.items()
-        }
+        per_image[name] = {key: _by_index(key, values) for key, values in merged.items()}
         results[name] = _merged_row(name, parts, merged)
         curves[name] = _merged_curves(name, parts)
+    # the runs' own settings (every evaluation records them; _check_compatible made them equal)
     found = statistics.summarise(
-        per_image, columns, reference, float(settings.get("confidence", 0.95)),
-        int(settings.get("resamples", 2000)), int(settings.get("seed", 0)),
-    )  # fmt: skip
+        per_image, columns, reference, float(settings["confidence"]), int(settings["resamples"]), int(settings["seed"])
+    )
     for name, values in found.items():
         results[name].update(values)
 
@@ -139,7 +140,7 @@ def merge_runs(
         float(run.run.get("top1_accuracy") or 0.0) * int(run.run.get("labelled_images") or 0)
         for run in by_shard.values()
     )
-    data = {key: value for key, value in first.run.get("data", {}).items() if key not in SHARD_KEYS}
+    data = first.data
     if shards[0][1] > 1:
         data["shards"] = f"{', '.join(str(shard) for shard, _ in shards)} of {shards[0][1]}"
     summary = {
@@ -172,11 +173,10 @@ def _check_compatible(runs: Sequence[_Run]) -> None:
     first = runs[0]
 
     def settings(run: _Run) -> dict[str, Any]:
-        data = {key: value for key, value in run.run.get("data", {}).items() if key not in SHARD_KEYS}
         return {
             "backbone.fingerprint": run.run.get("backbone", {}).get("fingerprint"),
             "backbone.name": run.run.get("backbone", {}).get("name"),
-            "data": data,
+            "data": run.data,
             "metrics.options": run.run.get("metrics", {}).get("options"),
             "metrics.seed": run.run.get("metrics", {}).get("seed"),
             "statistics": {k: v for k, v in (run.run.get("statistics") or {}).items() if k != "compare_to"},
@@ -232,6 +232,15 @@ def _check_same_values(name: str, first: _Run, second: _Run) -> None:
                     f"explainer {name!r} gave {key} = {value!r} on image {index} in {first.path} but {theirs!r} in "
                     f"{second.path}: the same explainer on the same images must give the same values"
                 )
+
+
+def _by_index(key: str, values: Mapping[int, float]) -> dict[str, torch.Tensor]:
+    """One key's per-image values in the shape the evaluation keeps them, ordered by image index."""
+    order = sorted(values)
+    return {
+        "index": torch.tensor(order, dtype=torch.long),
+        key: torch.tensor([values[index] for index in order], dtype=torch.float64),
+    }
 
 
 def _merged_row(name: str, parts: Sequence[_Run], merged: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
