@@ -80,7 +80,12 @@ def build_explainers(
         try:
             head = heads.get(name)
             if head is not None and head.get("checkpoint"):
-                built[name] = load_explainer(head.checkpoint, backbone=backbone)
+                built[name] = load_explainer(
+                    head.checkpoint,
+                    backbone=backbone,
+                    trusted=bool(head.get("trusted")),
+                    program_sha256=head.get("sha256"),
+                )
                 settings[name] = trained_head_settings(head.checkpoint)
                 if head.get("explanation") is not None:
                     settings[name]["explanation"] = _explain_with(built[name], name, head.explanation)

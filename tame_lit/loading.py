@@ -26,12 +26,18 @@ EXPLAINER_SUFFIXES = (".ckpt", ".pt2", ".onnx")
 
 
 def load_explainer(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", backbone: Backbone | None = None
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    backbone: Backbone | None = None,
+    *,
+    trusted: bool = False,
+    program_sha256: str | None = None,
 ) -> Explainer:
     """A trained head as an ``Explainer``, from any file tame-lit writes: a Lightning checkpoint (head-only,
     read with ``weights_only=True``), an export folder or its ``explainer.json`` (safetensors), an
-    ``explainer.pt2`` program (loaded only when its export recorded its SHA-256) or an ``explainer.onnx``
-    graph (run by onnxruntime). None of them needs Lightning or Hydra.
+    ``explainer.pt2`` program or an ``explainer.onnx`` graph (run by onnxruntime). None of them needs
+    Lightning or Hydra. Only a program can run code when loaded (``torch.export.load`` unpickles): it is loaded
+    only with ``program_sha256``, its SHA-256 from a source you trust, or with ``trusted=True``.
 
     Without ``backbone``, a checkpoint or export is attached to its backbone rebuilt from the saved config
     (a program or ONNX graph holds its own). With one (e.g. the model an evaluation already holds), every
@@ -41,8 +47,14 @@ def load_explainer(
     backbone) goes; programs run where they were saved, ONNX graphs on the CPU.
     """
     path = Path(path)
+    if program_sha256 is not None and path.suffix != ".pt2":
+        raise ValueError(f"{path}: program_sha256 is for explainer.pt2 programs; this file loads without running code")
     if path.suffix in (".pt2", ".onnx"):
-        exported: ExportedExplainer = ProgramExplainer(path) if path.suffix == ".pt2" else OnnxExplainer(path)
+        exported: ExportedExplainer = (
+            ProgramExplainer(path, trusted=trusted, sha256=program_sha256)
+            if path.suffix == ".pt2"
+            else OnnxExplainer(path)
+        )
         if backbone is not None:
             exported.check_backbone(backbone)
         return exported

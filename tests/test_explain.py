@@ -19,7 +19,7 @@ from PIL import Image
 from tame_lit import backbones
 from tame_lit.cli.explain import collect_inputs, main, resolve_target
 from tame_lit.data import ImageDataset, collate, eval_transform, imagenet_class_names
-from tame_lit.export import export_head
+from tame_lit.export import export_head, sha256
 from tame_lit.train import train
 from tests.helpers import ROOT, TINY_BACKBONE, compose_train
 
@@ -76,6 +76,8 @@ def test_every_kind_of_explainer_writes_maps_and_the_models_top1(kind, checkpoin
     # a method runs on --backbone (a 1000-class test_resnet, random weights seeded alike below); a trained
     # explainer on the backbone it was trained on (tiny test_resnet, weights from a file)
     options = ["--backbone", "test_resnet", "--weights", "none"] if kind == "method" else []
+    if kind == "program":  # a program runs only with its checksum from a source the user trusts
+        options = ["--program-sha256", sha256(spec)]
     out = tmp_path / "out"
     torch.manual_seed(0)
     code = main([str(tmp_path / "photos"), "--explainer", str(spec), "--out", str(out), "--topk", "2", "--device",

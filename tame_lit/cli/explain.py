@@ -30,7 +30,14 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tame_lit import backbones, explainers
-from tame_lit.data import ImageDataset, UnreadableImageWarning, collate, eval_transform, imagenet_class_names
+from tame_lit.data import (
+    PIXEL_LIMIT,
+    ImageDataset,
+    UnreadableImageWarning,
+    collate,
+    eval_transform,
+    imagenet_class_names,
+)
 from tame_lit.explainers import Explainer
 from tame_lit.io import atomic_path, write_json
 from tame_lit.loading import load_explainer
@@ -81,16 +88,25 @@ def resolve_target(text: str | None, names: Sequence[str] | None, num_classes: i
     raise ValueError(f"--target {text!r} matches {len(candidates)} class names{': ' + str(shown) if shown else ''}")
 
 
-def build_explainer(spec: str, backbone_name: str | None = None, options: dict | None = None) -> Explainer:
+def build_explainer(
+    spec: str,
+    backbone_name: str | None = None,
+    options: dict | None = None,
+    *,
+    trusted: bool = False,
+    program_sha256: str | None = None,
+) -> Explainer:
     """``--explainer``: a registered method on ``--backbone`` (default EfficientNet-Lite0), or a trained
-    explainer file of any kind (checked against ``--backbone`` when one is given)."""
+    explainer file of any kind (checked against ``--backbone`` when one is given; a program only with
+    ``--program-sha256`` or ``--trust-program``)."""
     options = options or {}
     if spec in explainers.available():
         return explainers.create(spec, backbones.create(backbone_name or "efficientnet_lite0", **options))
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"--explainer {spec!r} is neither a method {explainers.available()} nor an existing path")
-    return load_explainer(path, backbone=backbones.create(backbone_name, **options) if backbone_name else None)
+    backbone = backbones.create(backbone_name, **options) if backbone_name else None
+    return load_explainer(path, backbone=backbone, trusted=trusted, program_sha256=program_sha256)
 
 
 def explain_files(
@@ -102,13 +118,14 @@ def explain_files(
     batch_size: int = 8,
     size: int | None = None,
     device: str = "cpu",
+    max_pixels: int | None = PIXEL_LIMIT,
 ) -> tuple[list[dict], list[str]]:
     """Explain ``files``; write overlays and maps into ``out``. Returns (summary rows, unreadable files)."""
     from tqdm.auto import tqdm
 
     size = size or explainer.input_size[0]
     names = imagenet_class_names() if explainer.num_classes == 1000 else None
-    dataset = ImageDataset([(str(path), -1) for path in files], eval_transform(size, size))
+    dataset = ImageDataset([(str(path), -1) for path in files], eval_transform(size, size), max_pixels=max_pixels)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     explainer = explainer.to(device)
     rows: list[dict] = []
@@ -183,19 +200,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--explainer", default="gradcam", help=f"a method {explainers.available()} or a trained "
                         "explainer: checkpoint, export folder, explainer.pt2 or explainer.onnx")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--program-sha256",
+        help="an explainer.pt2's SHA-256, from a source you trust: loading a "
+        "program can run code, so it is loaded only when it matches (or with --trust-program)",
+    )
+    parser.add_argument("--trust-program", action="store_true", help="load the explainer.pt2 without a checksum")
     parser.add_argument("--backbone", help="backbone name (default: efficientnet_lite0, or the trained head's)")
     parser.add_argument("--weights", help="backbone weights: 'imagenet', a file, or 'none'")
     parser.add_argument("--target", help="explain this class (index or name) instead of the top-k")
     parser.add_argument("--topk", type=int, default=1, help="explain the k most probable classes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--size", type=int, help="resize + centre-crop size (default: the backbone's input size)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=PIXEL_LIMIT,
+        help="skip larger images, unread (default: %(default)s, PIL's decompression-bomb limit; 0: no limit)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     options = {} if args.weights is None else {"weights": None if args.weights.lower() == "none" else args.weights}
     try:
-        explainer = build_explainer(args.explainer, args.backbone, options)
+        explainer = build_explainer(
+            args.explainer, args.backbone, options, trusted=args.trust_program, program_sha256=args.program_sha256
+        )
         names = imagenet_class_names() if explainer.num_classes == 1000 else None
         target = resolve_target(args.target, names, explainer.num_classes)
     except (ValueError, FileNotFoundError) as error:
@@ -203,7 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     files, missing = collect_inputs(args.paths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, failed = explain_files(files, explainer, out, target, args.topk, args.batch_size, args.size, args.device)
+    max_pixels = args.max_pixels if args.max_pixels > 0 else None
+    rows, failed = explain_files(
+        files, explainer, out, target, args.topk, args.batch_size, args.size, args.device, max_pixels
+    )
     readable = len(files) - len(failed)
     failed = [*missing, *failed]
     _write_summary(rows, failed, out, args.explainer)

@@ -11,24 +11,29 @@ Layout: ``images`` (decoding, transforms, dataset, collate), ``imagenet`` (class
 
 from tame_lit.data.imagenet import BoxSource, imagenet_class_names, visible_boxes
 from tame_lit.data.images import (
+    PIXEL_LIMIT,
     ImageDataset,
+    ImageTooLargeError,
     UnreadableImageWarning,
     collate,
     eval_transform,
     load_rgb,
     train_transform,
 )
-from tame_lit.data.modules import EmbeddedDataModule, ImageDataModule
+from tame_lit.data.modules import EmbeddedDataModule, ImageDataModule, UnusableDataError
 from tame_lit.data.sampler import EvenlySplitSampler
 from tame_lit.data.sources import embedded_samples, first_per_class, folder_samples, list_samples
 
 __all__ = [
+    "PIXEL_LIMIT",
     "BoxSource",
     "EmbeddedDataModule",
     "EvenlySplitSampler",
     "ImageDataModule",
     "ImageDataset",
+    "ImageTooLargeError",
     "UnreadableImageWarning",
+    "UnusableDataError",
     "collate",
     "embedded_samples",
     "eval_transform",

@@ -10,25 +10,47 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from tame_lit.data.imagenet import BoxSource, visible_boxes
 from tame_lit.data.sources import Sample
 
+# The largest image decoded by default (``data.max_image_pixels``, ``tame-explain --max-pixels``): PIL's own
+# decompression-bomb threshold, about 9,459 x 9,459 pixels (a 14k x 14k PNG needs 590 MB as RGB).
+PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS
+
 
 class UnreadableImageWarning(UserWarning):
-    """An image file could not be decoded and was skipped."""
+    """An image file could not be decoded (or was too large, or failed its transform) and was skipped."""
 
 
-def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB: grayscale, palette, CMYK and 16-bit images are converted, and
-    transparent images are composited over white (not over whatever colour hides under alpha = 0)."""
-    with Image.open(path) as image:
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the configured limit (a decompression bomb, or a scan far too large)."""
+
+
+def load_rgb(path: str | os.PathLike, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Open an image as 8-bit RGB, upright (its EXIF orientation applied): grayscale, palette, CMYK and 16-bit
+    images are converted, and transparent images are composited over white (not over whatever colour hides
+    under alpha = 0). ``max_pixels``: refuse larger images before decoding them (``ImageTooLargeError``);
+    ``None``: no limit (PIL's own bomb check is replaced by this one)."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        image = Image.open(path)  # reads the header only
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    with image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"{width} x {height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+                "(data.max_image_pixels / tame-explain --max-pixels)"
+            )
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))  # decode at a reduced scale when much larger
         image.load()
+        image = ImageOps.exif_transpose(image)
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             array = np.asarray(image, dtype=np.float32)
             peak = 65535.0 if image.mode.startswith("I") and array.max() > 255 else max(float(array.max()), 1.0)
@@ -68,7 +90,8 @@ def eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
 
 
 class ImageDataset(Dataset):
-    """``(path, label)`` samples, decoded robustly: an unreadable file yields ``None`` and a warning.
+    """``(path, label)`` samples, decoded robustly: a file that fails (unreadable, over ``max_pixels``, or its
+    transform raising) yields ``None`` and a warning naming it; ``collate`` counts it as skipped.
 
     Items are ``(image, label, index)``, or ``(image, label, index, boxes)`` with ``boxes`` (a
     ``BoxSource``): the image's bounding boxes ``[n, 5]`` (class, x0, y0, x1, y1), moved by the same
@@ -83,8 +106,10 @@ class ImageDataset(Dataset):
         draft_size: int | None = None,
         boxes: BoxSource | None = None,
         indices: Sequence[int] | None = None,
+        max_pixels: int | None = PIXEL_LIMIT,
     ) -> None:
         self.samples = list(samples)
+        self.max_pixels = max_pixels
         if indices is not None and len(indices) != len(self.samples):
             raise ValueError(f"{len(indices)} indices for {len(self.samples)} samples: give one index per sample")
         self.indices = None if indices is None else [int(index) for index in indices]
@@ -97,17 +122,29 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple | None:
         path, label = self.samples[index]
-        try:
-            image = load_rgb(path, self.draft_size)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-            warnings.warn(f"skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=2)
-            return None
         reported = index if self.indices is None else self.indices[index]
+        # any failure of one image (a bomb, a broken file, a transform error) is named and counted, never fatal
+        try:
+            image = load_rgb(path, self.draft_size, self.max_pixels)
+        except Exception as error:
+            return _skip(path, error)
         if self.boxes is None:
-            return self.transform(image), label, reported
-        classes, boxes = self.boxes.for_image(path, image.size)
-        tensor, moved = self.transform(image, boxes)
+            try:
+                return self.transform(image), label, reported
+            except Exception as error:
+                return _skip(path, error)
+        classes, boxes = self.boxes.for_image(path, image.size)  # a missing box file is the user's to fix
+        try:
+            tensor, moved = self.transform(image, boxes)
+        except Exception as error:
+            return _skip(path, error)
         return tensor, label, reported, visible_boxes(classes, moved)
+
+
+def _skip(path: str, error: Exception) -> None:
+    warnings.warn(
+        f"skipping unreadable image {path}: {type(error).__name__}: {error}", UnreadableImageWarning, stacklevel=3
+    )
 
 
 def collate(items: Sequence[tuple | None]) -> dict[str, object]:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from tame_lit.data.imagenet import BoxSource
-from tame_lit.data.images import ImageDataset, collate, eval_transform, train_transform
+from tame_lit.data.images import PIXEL_LIMIT, ImageDataset, collate, eval_transform, train_transform
 from tame_lit.data.sampler import EvenlySplitSampler
 from tame_lit.data.sources import (
     Sample,
@@ -33,6 +34,10 @@ def _at_least_one(value: object, key: str) -> int:
     return int(value)
 
 
+class UnusableDataError(RuntimeError):
+    """Too many of the training images could not be used: the run would learn from too little, or nothing."""
+
+
 class ImageDataModule(L.LightningDataModule):
     """Images from ImageFolder trees or TAME list files.
 
@@ -51,6 +56,10 @@ class ImageDataModule(L.LightningDataModule):
     (after the limits), starting at position ``shard``, each keeping its index in the whole set, so that
     ``tame-merge`` can join the shards' runs into the run of the whole set (an evaluation too long for one
     sitting, or spread over machines). Under ``train.py`` they would shard the validation images: leave them.
+    ``max_image_pixels``: larger images are skipped unread, named and counted like unreadable ones (a
+    decompression bomb never stops a run); null: no limit. ``max_bad_fraction``: training stops, naming the
+    folder and the count, as soon as more than this share of an epoch's training images were unusable (a
+    wrong folder or a broken copy, not a few bad files); evaluation reports its skipped images.
     """
 
     def __init__(
@@ -74,8 +83,12 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         num_shards: int = 1,
         shard: int = 0,
+        max_image_pixels: int | None = PIXEL_LIMIT,
+        max_bad_fraction: float = 0.1,
     ) -> None:
         super().__init__()
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         _at_least_one(num_shards, "data.num_shards")
         if not 0 <= shard < num_shards:
             raise ValueError(f"data.shard must be in 0 .. data.num_shards - 1 = {num_shards - 1}, got {shard}")
@@ -92,6 +105,38 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_dataset: Dataset | None = None
         self.class_names: list[str] | None = None
         self.eval_labels: list[int] = []  # the labels of every evaluated image, in order (all shards)
+        self._unusable = (-1, 0, 0)  # (epoch, unusable training images, usable ones) seen by this process
+
+    def source(self, split: str) -> str:
+        """Where the ``train`` or ``eval`` images come from (a folder or list file), for messages."""
+        if split == "train" or self.hparams.holdout_per_class is not None:
+            return str(self.hparams.train_list or self.hparams.train_root)
+        return str(self.hparams.list_file or self.hparams.root)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "skipped" in batch:
+            self._count_unusable(trainer, int(batch["skipped"]), int(batch["images"].shape[0]))
+        return batch
+
+    def _count_unusable(self, trainer: L.Trainer, skipped: int, usable: int) -> None:
+        """Stop training once this epoch's unusable images exceed ``max_bad_fraction`` of its images (decided
+        on all processes together, so that they stop at the same batch)."""
+        epoch, unusable, seen = self._unusable
+        if epoch != trainer.current_epoch:
+            unusable, seen = 0, 0
+        unusable, seen = unusable + skipped, seen + usable
+        self._unusable = (trainer.current_epoch, unusable, seen)
+        allowed = self.hparams.max_bad_fraction * len(self.train_dataset) / max(trainer.world_size, 1)
+        if not trainer.strategy.reduce_boolean_decision(unusable > allowed, all=False):
+            return
+        raise UnusableDataError(
+            f"{self.source('train')}: {unusable} of the {unusable + seen} training images read so far in epoch "
+            f"{trainer.current_epoch}{' (this process)' if trainer.world_size > 1 else ''} could not be used "
+            f"(unreadable, too large or failing the transform; the warnings name them), more than "
+            f"data.max_bad_fraction={self.hparams.max_bad_fraction} of the {len(self.train_dataset)} training images: "
+            "stopped before training on what is left. Fix or remove those files, or raise data.max_bad_fraction"
+        )
 
     def _samples(self, split: str) -> list[Sample] | None:
         train = split == "train"
@@ -138,7 +183,7 @@ class ImageDataModule(L.LightningDataModule):
         if limit is not None:
             samples = samples[: _at_least_one(limit, f"data.{prefix}limit")]
         if split != "eval":
-            return ImageDataset(samples, transform, draft_size=self.hparams.resize_size)
+            return ImageDataset(samples, transform, self.hparams.resize_size, max_pixels=self.hparams.max_image_pixels)
         self.eval_labels = [label for _, label in samples]  # of the whole set, also when one shard is evaluated
         indices = range(self.hparams.shard, len(samples), self.hparams.num_shards)
         samples = [samples[index] for index in indices]
@@ -147,7 +192,9 @@ class ImageDataModule(L.LightningDataModule):
             folder_index = {name: index for index, name in enumerate(self.class_names or [])}
             boxes = BoxSource(self.hparams.boxes_dir, folder_index)
             boxes.check([path for path, _ in samples])
-        return ImageDataset(samples, transform, draft_size=self.hparams.resize_size, boxes=boxes, indices=indices)
+        return ImageDataset(
+            samples, transform, self.hparams.resize_size, boxes, indices, max_pixels=self.hparams.max_image_pixels
+        )
 
     def setup(self, stage: str | None = None) -> None:
         size = (self.hparams.resize_size, self.hparams.crop_size)

@@ -33,7 +33,8 @@ __all__ = [
     "ExportError",
     "ExportedExplainer",
     "InvalidExportError",
-    "check_recorded_checksum",
+    "UntrustedFileError",
+    "check_program_is_vouched_for",
     "describe_export",
     "export_record",
     "read_metadata",
@@ -117,29 +118,53 @@ def describe_export(path: str | os.PathLike) -> dict[str, Any]:
     return {"checkpoint": str(path), "head": head.pop("name", None), **head}
 
 
-def check_recorded_checksum(path: Path, key: str) -> None:
-    """Refuse ``path`` unless the ``explainer.json`` beside it records its SHA-256 under ``key`` and it matches."""
+class UntrustedFileError(InvalidExportError):
+    """A file that can run code when loaded (``explainer.pt2``) without the caller vouching for it."""
+
+
+def check_program_is_vouched_for(path: Path, key: str, trusted: bool, expected_sha256: str | None) -> None:
+    """Refuse to load ``path`` (a file whose loader may unpickle, so may run code) unless the caller vouches for
+    it: ``trusted=True``, or ``expected_sha256`` (from a source other than the file's folder) that it matches.
+
+    The SHA-256 that ``explainer.json`` records under ``key`` comes from the same folder as the file, so it
+    only catches accidents (a truncated copy): it is checked when present, and it never vouches on its own.
+    """
+    actual = sha256(path)
+    if expected_sha256 is not None:
+        if actual != expected_sha256.strip().lower():
+            raise UntrustedFileError(
+                f"{path}: checksum mismatch (sha256 {actual}, expected {expected_sha256.strip()}): not the file "
+                "you vouched for; it was not loaded"
+            )
+        return
+    if not trusted:
+        raise UntrustedFileError(
+            f"{path}: not loaded: torch.export.load can unpickle objects from a program file, which runs code, and "
+            f"the checksum in its {METADATA_FILE} comes from the same folder, so it cannot vouch for it. Load it "
+            f"only if you trust its source: pass its SHA-256 from that source (sha256 {actual[:16]}... now; "
+            "load_explainer(..., program_sha256=HEX), tame-explain --program-sha256 HEX, evaluate.py "
+            "heads.<name>.sha256=HEX), or trusted=True (tame-explain --trust-program, heads.<name>.trusted=true); "
+            f"or load the safetensors export in {path.parent} instead, which runs no code"
+        )
     metadata_path = path.parent / METADATA_FILE
     try:
-        expected = json.loads(metadata_path.read_text()).get(key)
+        recorded = json.loads(metadata_path.read_text()).get(key)
     except (OSError, json.JSONDecodeError, AttributeError):
-        expected = None
-    if expected is None:
+        recorded = None
+    if recorded is not None and actual != recorded:
         raise InvalidExportError(
-            f"{path}: no SHA-256 for it in {metadata_path}; torch.export.load can unpickle objects from a program "
-            "file, so tame-lit loads only programs its export recorded (or pass trusted=True for one you made)"
-        )
-    actual = sha256(path)
-    if actual != expected:
-        raise InvalidExportError(
-            f"{path}: checksum mismatch (sha256 {actual[:16]}..., {METADATA_FILE} says {expected[:16]}...): the file "
+            f"{path}: checksum mismatch (sha256 {actual[:16]}..., {METADATA_FILE} says {recorded[:16]}...): the file "
             "was changed or truncated after export"
         )
 
 
 def verify_maps(eager: Explainer, exported: Explainer, images: Tensor, atol: float = 1e-4) -> float:
     """Max abs difference of the two explainers' maps on ``images``; raises ``ExportError`` above ``atol``."""
-    difference = float((eager(images) - exported(images)).abs().max())
+    expected, actual = eager(images), exported(images)
+    for maps, which in ((expected, "eager"), (actual, "exported")):
+        if not bool(maps.isfinite().all()):
+            raise ExportError(f"the {which} explainer's maps hold NaN or infinite values: nothing to verify against")
+    difference = float((expected - actual).abs().max())
     if not difference <= atol:
         raise ExportError(f"the exported explainer's maps differ from the eager ones by {difference:.3g} (> {atol})")
     return difference

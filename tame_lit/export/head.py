@@ -26,6 +26,7 @@ from tame_lit.export.format import (
     ONNX_FILE,
     PROGRAM_FILE,
     WEIGHTS_FILE,
+    ExportError,
     InvalidExportError,
     export_record,
     read_metadata,
@@ -59,6 +60,11 @@ def export_head(
     saved, settings = data["tame_lit"], data["hyper_parameters"]
     backbone = backbone_from_checkpoint(data)
     head = head_from_checkpoint(checkpoint, backbone, data)
+    state = head.state_dict()
+    broken = [name for name, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        raise ExportError(f"{checkpoint}: the head's {', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''} "
+                          "hold NaN or infinite values: nothing exported")  # fmt: skip
     out = Path(out) if out is not None else checkpoint.parent.parent / "export"
     weights = out / WEIGHTS_FILE
     with atomic_path(weights) as temporary:

@@ -19,7 +19,7 @@ from tame_lit.export.format import (
     ExportedExplainer,
     ExportError,
     InvalidExportError,
-    check_recorded_checksum,
+    check_program_is_vouched_for,
     verify_maps,
 )
 from tame_lit.heads import ExplanationHead, head_maps
@@ -91,17 +91,17 @@ class ProgramExplainer(ExportedExplainer):
     """An ``explainer.pt2`` program as an ``Explainer`` (no tame-lit model code involved in the maps or
     logits); its metadata is the ``explainer.json`` stored inside the program.
 
-    ``torch.export.load`` may unpickle objects stored in the file, so a program is loaded only when the
-    ``explainer.json`` beside it (written by the export) records its SHA-256, or with ``trusted=True``. The
-    program runs on the device it was saved on; inputs are moved there and the results back.
+    ``torch.export.load`` may unpickle objects stored in the file (running code), so a program is loaded only
+    when the caller vouches for it: ``sha256`` (its SHA-256 from a source the caller trusts; the one recorded
+    beside it cannot vouch, it comes from the same folder) or ``trusted=True``. The program runs on the
+    device it was saved on; inputs are moved there and the results back.
     """
 
-    def __init__(self, path: str | os.PathLike, trusted: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, trusted: bool = False, sha256: str | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"explainer program not found: {path.resolve()}")
-        if not trusted:
-            check_recorded_checksum(path, "program_sha256")
+        check_program_is_vouched_for(path, "program_sha256", trusted, sha256)
         extra = {METADATA_FILE: ""}
         try:
             self.program = torch.export.load(str(path), extra_files=extra).module()
