@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tame_lit import __version__, backbones, explainers
 from tame_lit.config import check_command_line, config_dir, finishing, instantiate_group, start_process, start_task
-from tame_lit.evaluation import EvaluationModule
+from tame_lit.evaluation import EvaluationModule, NothingScoredError
 from tame_lit.explainers import Explainer
 from tame_lit.heads.base import EXPLANATIONS
 from tame_lit.loading import EXPLAINER_SUFFIXES, describe, load_explainer
@@ -43,7 +43,8 @@ DATA_KEYS_TO_CITE = (
 
 
 class EvaluationFailed(RuntimeError):
-    """Some explainers could not be built or failed mid-run; the others' results were written."""
+    """Some explainers could not be built or failed mid-run (the others' results were written), or no image
+    could be scored at all (nothing written)."""
 
 
 def trained_head_settings(path: str | Path) -> dict[str, Any]:
@@ -152,7 +153,11 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
                 backbone, built, metric_options, shared, grid_images=int(cfg.grid_images), compare_to=cfg.compare_to,
                 confidence=float(cfg.confidence), resamples=int(cfg.resamples), subsets=subsets,
             )  # fmt: skip
-            trainer.test(module, datamodule=datamodule, verbose=False)
+            try:
+                trainer.test(module, datamodule=datamodule, verbose=False)
+            except NothingScoredError as error:
+                source = datamodule.source("eval") if hasattr(datamodule, "source") else "the evaluated set"
+                raise EvaluationFailed(f"{source}: {error}") from None
             results = module.results
             failures.update(module.summary["failed"])
         if trainer.is_global_zero:

@@ -31,7 +31,12 @@ from tame_lit.backbones import Backbone
 from tame_lit.explainers import Explainer
 from tame_lit.metrics import Column, ScoredBatch, class_probability
 
-__all__ = ["TIMING_COLUMNS", "EvaluationModule", "metric_columns"]
+__all__ = ["TIMING_COLUMNS", "EvaluationModule", "NothingScoredError", "metric_columns"]
+
+
+class NothingScoredError(RuntimeError):
+    """Not one image could be scored (all unreadable, too large or failing the transform): no result exists."""
+
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +285,12 @@ class EvaluationModule(L.LightningModule):
             self._compute_results()
 
     def _compute_results(self) -> None:
+        scored = sum(float(timing["images"].compute()) for timing in self.timing.values())  # summed over processes
+        if self.timing and scored == 0:
+            raise NothingScoredError(
+                f"no image was scored: the {int(self.skipped.compute())} image(s) of the evaluated set could not be "
+                "used (unreadable, too large or failing the transform; the warnings name them)"
+            )
         failures = self._gathered_failures()
         for name, metrics in self.scores.items():
             if name in failures:  # the same on every process, so every process skips the same metrics

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json"]
+__all__ = ["atomic_path", "strict_json", "write_json"]
 
 
 @contextlib.contextmanager
@@ -28,6 +29,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(temporary)
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every NaN and infinity replaced by ``None``: strict JSON (``null``) that any parser reads,
+    where Python's default would write bare ``NaN``."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(value) for value in data]
+    return data
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as strict JSON (undefined numbers as ``null``), atomically."""
+    text = json.dumps(strict_json(data), indent=2, sort_keys=True, allow_nan=False)
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        temporary.write_text(text + "\n")

@@ -27,7 +27,22 @@ from tame_lit.losses import MaskingLoss
 from tame_lit.maps import normalize, upsample
 from tame_lit.metrics import AverageDropIncrease, ScoredBatch
 
-__all__ = ["HeadTrainingModule", "IncompatibleCheckpointError", "OptimizerConfig"]
+__all__ = [
+    "HeadTrainingModule",
+    "IncompatibleCheckpointError",
+    "NonFiniteTrainingError",
+    "NothingToLearnError",
+    "OptimizerConfig",
+]
+
+
+class NothingToLearnError(RuntimeError):
+    """An epoch (or a validation) had no usable image: a run that learned or measured nothing must not succeed."""
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """The loss or the head's parameters stopped being finite: training stops before a bad head is saved."""
+
 
 # Lightning warns about submodules in eval mode at fit start; the frozen backbone is, on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -73,6 +88,7 @@ class HeadTrainingModule(L.LightningModule):
         val_keep: Sequence[float] = (1.0, 0.5, 0.15),
     ) -> None:
         super().__init__()
+        self._batches_with_images = 0  # this epoch's, for the nothing-to-learn check
         if labels not in ("model", "ground_truth"):
             raise ValueError(f"labels must be 'model' or 'ground_truth', got {labels!r}")
         backbone_cfg = dict(backbone)
@@ -143,11 +159,18 @@ class HeadTrainingModule(L.LightningModule):
             sync_dist=True,
         )
         if images.shape[0] == 0:
+            self._stop_unless_finite({}, "the training loss", agree=True)  # pairs with the others' check
+            if self.trainer.world_size > 1:
+                # DDP all-reduces the gradients in backward: a process with no loss would leave the others
+                # waiting, so it contributes a zero loss on the head's parameters instead
+                return sum(p.sum() for p in self.head.parameters() if p.requires_grad) * 0.0
             return None
+        self._batches_with_images += 1
         with torch.no_grad():
             logits, features = self.backbone.features(images, self.head.layers)
         labels = self._labels(logits, batch["labels"])
         terms, masked_logits = self.masking_pass(images, features, labels)
+        self._stop_unless_finite(terms, "the training loss", agree=True)
         batch_size = images.shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
@@ -157,11 +180,56 @@ class HeadTrainingModule(L.LightningModule):
             self.log(f"train/gamma/{layer}", gamma, batch_size=batch_size)
         return terms["loss"]
 
+    def _stop_unless_finite(self, values: Mapping[str, Tensor], what: str, agree: bool = False) -> None:
+        """Raise ``NonFiniteTrainingError`` naming the step and the non-finite ``values`` (loss terms or head
+        parameters); the exception skips the optimiser step and every checkpoint save. Values that differ
+        between DDP processes (the loss) are decided on all processes together (``agree``), so that every
+        process stops at the same step instead of one waiting for the others; the head's parameters are the
+        same on every process, so each decides alone (no collective in checkpoint hooks, which Lightning may
+        call at different points on different processes)."""
+        checks = [torch.isfinite(value.detach()).all() for value in values.values()]
+        finite = torch.stack(checks) if checks else torch.ones(0, dtype=torch.bool)  # one device sync below
+        decision = bool(finite.all())
+        if agree and self._trainer is not None:
+            decision = self.trainer.strategy.reduce_boolean_decision(decision, all=True)
+        if decision:
+            return
+        bad = [name for name, ok in zip(values, finite.tolist(), strict=True) if not ok]
+        shown = ", ".join(f"{name}={float(values[name].detach().float().flatten()[0]):g}" if values[name].numel() == 1
+                          else name for name in bad[:8])  # fmt: skip
+        raise NonFiniteTrainingError(
+            f"step {self.global_step} (epoch {self.current_epoch}): {what} is not finite"
+            f"{f' here: {shown}' if bad else ' in another process'}{' ...' if len(bad) > 8 else ''}. Training "
+            "stopped: no checkpoint, export or metrics.json was written from this head, so the last checkpoint "
+            "and the best one are from finite steps. Lower optimizer.max_lr, or use trainer.gradient_clip_val"
+        )
+
+    def on_train_epoch_start(self) -> None:
+        self._batches_with_images = 0  # Lightning counts a step whose batch was empty as a step: count ours
+
+    def _stop_if_nothing_was_learned(self) -> None:
+        """At an epoch's last step: fail when no process had a batch with an image in it. Checked here, not in
+        ``on_train_epoch_end``: there the progress bar computes the synced epoch metrics on process 0 only, and
+        a collective of ours in between would pair with the wrong one on the others."""
+        trained = self.trainer.strategy.reduce_boolean_decision(self._batches_with_images > 0, all=False)
+        if not trained:
+            raise NothingToLearnError(
+                f"epoch {self.current_epoch} made no training step: none of its images{self._data_source('train')} "
+                "could be used (unreadable, too large or failing the transform; the warnings name them)"
+            )
+
+    def _data_source(self, split: str) -> str:
+        source = getattr(self.trainer.datamodule, "source", None)
+        return f" (from {source(split)})" if callable(source) else ""
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._stop_unless_finite(dict(self.head.named_parameters()), "a head parameter")
         # A run that ends on max_steps in the middle of an epoch still validates (and checkpoints) its
         # final head: Lightning validates when asked to stop, not when max_steps is reached.
         if 0 < self.trainer.max_steps <= self.trainer.global_step:
             self.trainer.should_stop = True
+        if self.trainer.is_last_batch or self.trainer.should_stop:
+            self._stop_if_nothing_was_learned()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["images"]
@@ -183,6 +251,13 @@ class HeadTrainingModule(L.LightningModule):
         self.val_ad_ic.update(scored)
 
     def on_validation_epoch_end(self) -> None:
+        scored = self.trainer.strategy.reduce_boolean_decision(self.val_ad_ic.update_count > 0, all=False)
+        if not scored and not self.trainer.sanity_checking:
+            raise NothingToLearnError(
+                f"validation scored no image: none of the validation images{self._data_source('eval')} could be "
+                "used (unreadable, too large or failing the transform; the warnings name them), so no checkpoint "
+                "can be chosen"
+            )
         if self.val_ad_ic.update_count == 0:
             return
         # already summed over processes: sync_dist only averages equal values
@@ -245,6 +320,9 @@ class HeadTrainingModule(L.LightningModule):
 
     # ---- checkpoints hold the head, never the frozen backbone ---------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the guarantee: no checkpoint (so no "best", no export) ever holds a non-finite head; callbacks that
+        # save at a step's end run before this module's own check in on_train_batch_end
+        self._stop_unless_finite(dict(self.head.named_parameters()), "a head parameter")
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("backbone.")
         }
