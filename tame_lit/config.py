@@ -282,6 +282,9 @@ class TrainConfig(TaskConfig):
 
     task_name: str = "train"
     ckpt_path: str | None = None  # resume: a checkpoint of this run's config (e.g. .../checkpoints/last.ckpt)
+    # resume from this run directory's checkpoints/last.ckpt when there is one (rerun a pre-empted job as it was)
+    auto_resume: bool = False
+    checkpoint_every_n_steps: int = 500  # also write last.ckpt every N optimiser steps, mid-epoch (0: epoch ends only)
     export: bool = True  # after training: export the best checkpoint's head to <run>/export (verified)
     validate_first: bool = False  # validate the untrained head before training: a baseline at step 0
     optimized_metric: str | None = "val/AD@15"  # what `python train.py -m hparams_search=optuna` minimises

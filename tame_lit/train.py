@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from tame_lit.checkpoints import IncompatibleCheckpointError
+from tame_lit.callbacks import AtomicCheckpointIO, Preempted
+from tame_lit.checkpoints import IncompatibleCheckpointError, read_checkpoint
 from tame_lit.config import (
     check_command_line,
     config_dir,
@@ -32,8 +35,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured head; returns the final logged metrics (also written to ``metrics.json``)."""
     start_task(cfg)
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path not found: {Path(ckpt_path).resolve()}")
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if cfg.get("auto_resume") and not ckpt_path and last.is_file():
+        ckpt_path = str(last)
+        log.info("auto_resume: continuing from %s", last)
+    if ckpt_path:  # before any work: a missing, truncated, foreign or pickled-code file is named here
+        read_checkpoint(ckpt_path)
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, _convert_="all")
@@ -41,7 +48,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: nothing to log the rates to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     settings = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams({"config": settings})
@@ -51,7 +60,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if cfg.get("validate_first") and not ckpt_path:
                 baseline = trainer.validate(module, datamodule=datamodule, verbose=False)
                 log.info("untrained head: %s", baseline[0] if baseline else {})
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            # weights_only explicitly: torch's default can be switched off by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
             metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
             if trainer.is_global_zero:
                 best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -62,6 +72,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     log.info("best checkpoint: %s", best)
                 if best and cfg.export:
                     _export(best, Path(trainer.default_root_dir) / "export", loggers)
+        except SIGTERMException as error:  # Lightning exits 0 on it: a pre-empted run must not look finished
+            raise Preempted(128 + signal.SIGTERM) from error
         except IncompatibleCheckpointError as error:
             raise IncompatibleCheckpointError(f"{ckpt_path}: {error}") from None
     return metrics
