@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -18,7 +19,7 @@ from tame_lit.data import imagenet_class_names
 from tame_lit.io import atomic_path
 from tame_lit.viz import overlay_grid, save_figure
 
-__all__ = ["AtomicCheckpointIO", "HeatmapGrid", "Preempted", "SaveOnSignal"]
+__all__ = ["AtomicCheckpointIO", "HeatmapGrid", "Preempted", "RunCheckpoint", "SaveOnSignal"]
 
 
 class Preempted(SystemExit):
@@ -71,6 +72,19 @@ class SaveOnSignal(L.Callback):
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         raise Preempted(128 + int(number))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, never pointing at another run's files. Resumed into a new folder,
+    Lightning keeps the old run's ``best_model_path`` (and only it), so the export after training would read
+    the other run's file, or fail when it is gone; here the best is chosen afresh among this run's
+    checkpoints (the same folder keeps everything, as in Lightning)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
+        if moved:  # Lightning warns about the rest; the best path is the one it would keep
+            state_dict = {**state_dict, "best_model_path": ""}
+        super().load_state_dict(state_dict)
 
 
 class HeatmapGrid(L.Callback):

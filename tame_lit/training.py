@@ -89,6 +89,7 @@ class HeadTrainingModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self._batches_with_images = 0  # this epoch's, for the nothing-to-learn check
+        self._resumed_schedule_steps: int | None = None  # a resumed checkpoint's schedule length
         if labels not in ("model", "ground_truth"):
             raise ValueError(f"labels must be 'model' or 'ground_truth', got {labels!r}")
         backbone_cfg = dict(backbone)
@@ -334,6 +335,36 @@ class HeadTrainingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoints.check_compatible(checkpoints.saved_record(checkpoint), self.compatibility())
+        self._refuse_other_optimizer(checkpoint)
+        schedulers = checkpoint.get("lr_schedulers") or [{}]
+        self._resumed_schedule_steps = schedulers[0].get("total_steps")  # checked in on_train_start
+
+    def _refuse_other_optimizer(self, checkpoint: Mapping[str, Any]) -> None:
+        """Resuming restores the optimiser's and the schedule's state, settings included: a changed
+        ``optimizer.*`` would be silently ignored (and recorded as if used), so it is refused, naming the key."""
+        saved = dict((checkpoint.get("hyper_parameters") or {}).get("optimizer") or {})
+        now = asdict(self.optimizer_config)
+        changed = [f"optimizer.{key}: {saved[key]!r} in the checkpoint, {value!r} now"
+                   for key, value in now.items() if key in saved and saved[key] != value]  # fmt: skip
+        if changed:
+            raise IncompatibleCheckpointError(
+                f"cannot resume with other optimiser settings ({'; '.join(changed)}): the checkpoint's optimiser "
+                "and schedule state would override them. Resume with the checkpoint's values, or start a new run "
+                "from its head (evaluate or export it, or train anew)"
+            )
+
+    def on_train_start(self) -> None:
+        """Before the first step of a resumed run: the restored one-cycle schedule has the checkpoint's length;
+        one of another length (``trainer.max_steps``, ``trainer.max_epochs``, ``data.batch_size`` or the
+        training images changed) would run past its end or stop short of it, so it is refused."""
+        saved, self._resumed_schedule_steps = self._resumed_schedule_steps, None
+        now = int(self.trainer.estimated_stepping_batches)
+        if saved is not None and int(saved) != now:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint's one-cycle schedule is {int(saved)} steps long, this run's would be {now} "
+                "(trainer.max_steps, trainer.max_epochs, data.batch_size or the training images changed): a "
+                "started schedule cannot be stretched or cut. Resume with the checkpoint's values, or start a new run"
+            )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load a head-only state dict; the backbone keeps the weights it was built with."""

@@ -6,7 +6,8 @@ model's index space (ImageNet's when the folders are named by WordNet id) or -1 
 ``skipped`` counts unreadable files dropped from the batch.
 
 Layout: ``images`` (decoding, transforms, dataset, collate), ``imagenet`` (class names, XML boxes),
-``sources`` (where samples come from), ``sampler`` (evaluation sampler), ``modules`` (the DataModules).
+``sources`` (where samples come from), ``sampler`` (the evaluation's split, the resumable training
+order), ``modules`` (the DataModules).
 """
 
 from tame_lit.data.imagenet import BoxSource, imagenet_class_names, visible_boxes
@@ -21,7 +22,7 @@ from tame_lit.data.images import (
     train_transform,
 )
 from tame_lit.data.modules import EmbeddedDataModule, ImageDataModule, UnusableDataError
-from tame_lit.data.sampler import EvenlySplitSampler
+from tame_lit.data.sampler import EvenlySplitSampler, ResumableLoader, SeededItems, ShuffledSampler
 from tame_lit.data.sources import embedded_samples, first_per_class, folder_samples, list_samples
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
     "ImageDataModule",
     "ImageDataset",
     "ImageTooLargeError",
+    "ResumableLoader",
+    "SeededItems",
+    "ShuffledSampler",
     "UnreadableImageWarning",
     "UnusableDataError",
     "collate",

@@ -14,7 +14,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from tame_lit.data.imagenet import BoxSource
 from tame_lit.data.images import PIXEL_LIMIT, ImageDataset, collate, eval_transform, train_transform
-from tame_lit.data.sampler import EvenlySplitSampler
+from tame_lit.data.sampler import EvenlySplitSampler, ResumableLoader, SeededItems, ShuffledSampler
 from tame_lit.data.sources import (
     Sample,
     embedded_samples,
@@ -106,6 +106,8 @@ class ImageDataModule(L.LightningDataModule):
         self.class_names: list[str] | None = None
         self.eval_labels: list[int] = []  # the labels of every evaluated image, in order (all shards)
         self._unusable = (-1, 0, 0)  # (epoch, unusable training images, usable ones) seen by this process
+        self._train_loader: ResumableLoader | None = None
+        self._resume_at: dict[str, int] | None = None  # a resumed checkpoint's training position
 
     def source(self, split: str) -> str:
         """Where the ``train`` or ``eval`` images come from (a folder or list file), for messages."""
@@ -214,12 +216,13 @@ class ImageDataModule(L.LightningDataModule):
         self.setup("test")
         return first_per_class_indices(self.eval_labels, _at_least_one(count, key))
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None, loader: type[DataLoader] = DataLoader
+    ) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        return loader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=workers,
             collate_fn=collate,
@@ -232,19 +235,37 @@ class ImageDataModule(L.LightningDataModule):
         return self.hparams.eval_batch_size or self.hparams.batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+        """Shuffled by the run's seed and resumable mid-epoch in the same order and augmentations (see
+        ``ResumableLoader``); under DDP each process gets its share of each epoch's permutation."""
+        sampler = ShuffledSampler(self.train_dataset)
+        loader = self._loader(SeededItems(self.train_dataset), self.hparams.batch_size, sampler, ResumableLoader)
+        if self._resume_at is not None:
+            loader.resume_from(self._resume_at)
+            self._resume_at = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the training loader's position (epoch, batches done, seed)."""
+        return {} if self._train_loader is None else {"train_position": self._train_loader.position()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning restores this before it builds the loaders (unlike its own loader states, which it skips
+        when the loader was built early, e.g. to count the schedule's steps): the next training loader
+        continues from the saved position."""
+        self._resume_at = state_dict.get("train_position")
 
     def val_dataloader(self) -> DataLoader | list:
         if self.eval_dataset is None:
             return []
-        return self._loader(self.eval_dataset, self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_dataset, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """Every image exactly once, also across processes (see ``EvenlySplitSampler``)."""
         sampler = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = EvenlySplitSampler(self.eval_dataset)
-        return self._loader(self.eval_dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
+        return self._loader(self.eval_dataset, self.eval_batch_size, sampler)
 
 
 class EmbeddedDataModule(ImageDataModule):
