@@ -11,7 +11,10 @@ head options is refused with ``IncompatibleCheckpointError``, other weights of t
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -111,14 +114,34 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path.resolve()}")
+    size = path.stat().st_size
+    if size == 0:
+        raise IncompatibleCheckpointError(f"{path}: not a readable tame-lit checkpoint: the file is empty (0 bytes; "
+                                          "a copy or a save that was cut off). Use another checkpoint")  # fmt: skip
+    if not zipfile.is_zipfile(path):
+        raise IncompatibleCheckpointError(
+            f"{path}: not a readable tame-lit checkpoint: {size:,} bytes that are not a PyTorch checkpoint archive "
+            "(truncated, damaged, or another kind of file). Use another checkpoint"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which
+    except pickle.UnpicklingError as error:  # weights_only refused an object: loading it could run code
+        raise IncompatibleCheckpointError(
+            f"{path}: not a readable tame-lit checkpoint: it holds objects other than tensors and plain data, and "
+            f"loading those could run code, so it was not loaded{_refused_object(error)}"
+        ) from None
+    except Exception as error:  # a damaged archive: say which file
         raise IncompatibleCheckpointError(f"{path}: not a readable tame-lit checkpoint ({error})") from error
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
         raise IncompatibleCheckpointError(f"{path}: not a tame-lit checkpoint (no 'tame_lit' entry)")
     saved_record(checkpoint, path)
     return checkpoint
+
+
+def _refused_object(error: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, from its message (e.g. ``: Unsupported global: ...``)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return f" (it names {found.group(1)})" if found else ""
 
 
 def backbone_from_checkpoint(checkpoint: Mapping[str, Any]) -> Backbone:

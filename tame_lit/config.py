@@ -139,6 +139,7 @@ TARGETS = {
     "data/embedded": "tame_lit.data.EmbeddedDataModule",
     "data/folder": "tame_lit.data.ImageDataModule",
     "callbacks/heatmaps": "tame_lit.callbacks.HeatmapGrid",
+    "trainer/default": "lightning.pytorch.Trainer",
 }
 
 
@@ -159,7 +160,8 @@ def _config_type(annotation: Any) -> Any:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         members = [_config_type(a) for a in args if a is not type(None)]
-        members = [m for m in members if m is not None]
+        if None in members:  # an object is also accepted (e.g. Lightning's ``strategy: str | Strategy``): a
+            return Any  # config may build it (``_target_``), so the node is not typed
         if len(members) != 1 or members[0] is Any:
             return Any
         return members[0] | None if type(None) in args else members[0]

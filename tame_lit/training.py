@@ -117,6 +117,12 @@ class HeadTrainingModule(L.LightningModule):
         self.val_ad_ic = AverageDropIncrease(keep=self.val_keep)
 
     # ---- the masking objective -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Before any step (the data module is set up by now): ground-truth labels must be the model's classes."""
+        check = getattr(self.trainer.datamodule, "check_ground_truth", None) if self._trainer is not None else None
+        if self.labels == "ground_truth" and stage == "fit" and callable(check):
+            check(self.backbone.num_classes)
+
     def _labels(self, logits: Tensor, dataset_labels: Tensor) -> Tensor:
         if self.labels == "model":
             return logits.argmax(dim=1)

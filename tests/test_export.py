@@ -16,6 +16,7 @@ from tame_lit import backbones, load_explainer
 from tame_lit.checkpoints import IncompatibleCheckpointError
 from tame_lit.explainers import create
 from tame_lit.export import ExportError, InvalidExportError, export_head, load_export, sha256, verify_maps
+from tame_lit.export.format import write_metadata
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import ROOT, TINY_BACKBONE
 
@@ -134,8 +135,8 @@ def test_weights_of_the_wrong_shape_are_refused_by_name(checkpoint, tmp_path):
     state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
     save_file(state, str(out / "head.safetensors"))
     metadata = json.loads((out / "explainer.json").read_text())
-    metadata["sha256"] = sha256(out / "head.safetensors")  # a consistent but wrong export
-    (out / "explainer.json").write_text(json.dumps(metadata))
+    metadata["sha256"] = sha256(out / "head.safetensors")  # a consistent but wrong export (checksums recomputed)
+    write_metadata(out, metadata)
     with pytest.raises(InvalidExportError, match=f"(?s)do not fit the tame head.*{re.escape(key)}"):
         load_export(out)
 

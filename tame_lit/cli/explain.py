@@ -19,10 +19,12 @@ import csv
 import glob
 import html
 import io
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -168,6 +170,20 @@ def _write_one(path, index, rank, cls, probabilities, image, saliency, names, ou
             "overlay": overlay_path.name, "map": map_path.name}  # fmt: skip
 
 
+def check_output_folder(out: Path) -> str | None:
+    """Why ``out`` cannot take the outputs (a file, under a file, not writable), or None: checked before any
+    model is built or image read, so a run never fails at its end for want of a place to write."""
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return "is a file" if existing == out else f"is under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the folder" if existing == out else f"its nearest existing folder {existing}"
+        return f"{what} is not writable"
+    return None
+
+
 def _write_summary(rows: list[dict], failed: list[str], out: Path, explainer_name: str) -> None:
     buffer = io.StringIO()
     columns = ["file", "rank", "class", "name", "probability", "overlay", "map"]
@@ -178,7 +194,8 @@ def _write_summary(rows: list[dict], failed: list[str], out: Path, explainer_nam
         temporary.write_text(buffer.getvalue())
     write_json(out / "summary.json", {"explainer": explainer_name, "explanations": rows, "failed": failed})
     cells = "\n".join(
-        f'<figure><img src="{html.escape(r["overlay"])}" width="280"><figcaption>{html.escape(Path(r["file"]).name)}'
+        f'<figure><img src="{html.escape(quote(r["overlay"]))}" width="280">'  # a "#" or "?" in a name stays a name
+        f"<figcaption>{html.escape(Path(r['file']).name)}"
         f" #{r['rank']}: {html.escape(r['name'])} ({r['probability']:.3f})</figcaption></figure>"
         for r in rows
     )
@@ -223,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     options = {} if args.weights is None else {"weights": None if args.weights.lower() == "none" else args.weights}
+    out = Path(args.out)
+    problem = check_output_folder(out)
+    if problem:
+        parser.error(f"--out {out}: {problem}")
     try:
         explainer = build_explainer(
             args.explainer, args.backbone, options, trusted=args.trust_program, program_sha256=args.program_sha256
@@ -232,7 +253,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     files, missing = collect_inputs(args.paths)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     max_pixels = args.max_pixels if args.max_pixels > 0 else None
     rows, failed = explain_files(

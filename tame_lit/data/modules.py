@@ -22,6 +22,7 @@ from tame_lit.data.sources import (
     first_per_class_indices,
     folder_samples,
     holdout_split,
+    imagenet_indexed,
     list_samples,
 )
 
@@ -106,8 +107,25 @@ class ImageDataModule(L.LightningDataModule):
         self.class_names: list[str] | None = None
         self.eval_labels: list[int] = []  # the labels of every evaluated image, in order (all shards)
         self._unusable = (-1, 0, 0)  # (epoch, unusable training images, usable ones) seen by this process
+        self._train_classes: list[str] | None = None  # the training folder's class folders (not from a list file)
         self._train_loader: ResumableLoader | None = None
         self._resume_at: dict[str, int] | None = None  # a resumed checkpoint's training position
+
+    def check_ground_truth(self, num_classes: int) -> None:
+        """For training toward the dataset's labels (``labels=ground_truth``): refuse, before any step, labels
+        that are not the model's class indices. WordNet-id folders map to ImageNet's indices and a list file's
+        labels are taken as given; other folders are numbered 0..K-1 by name, which are the model's classes
+        only when it has exactly those K classes."""
+        classes = self._train_classes
+        if classes is None or imagenet_indexed(classes, self.hparams.class_index) or len(classes) == num_classes:
+            return
+        raise ValueError(
+            f"labels=ground_truth: the {len(classes)} class folders of {self.source('train')} ({', '.join(classes[:3])}"
+            f"{', ...' if len(classes) > 3 else ''}) are not ImageNet WordNet ids, so they would be numbered 0.."
+            f"{len(classes) - 1} and trained toward the model's classes of those indices (it has {num_classes}). "
+            "Name the folders by WordNet id (n01440764), give a list file of the model's class indices "
+            "(data.train_list), or use labels=model"
+        )
 
     def source(self, split: str) -> str:
         """Where the ``train`` or ``eval`` images come from (a folder or list file), for messages."""
@@ -152,6 +170,8 @@ class ImageDataModule(L.LightningDataModule):
         if list_file is not None:
             return list_samples(folder, list_file)
         samples, classes = folder_samples(folder, self.hparams.class_index)
+        if train:
+            self._train_classes = classes
         if not train or self.hparams.holdout_per_class is not None:
             self.class_names = classes  # the evaluated images' classes: the training folder's with a holdout
         return samples
@@ -283,6 +303,12 @@ class EmbeddedDataModule(ImageDataModule):
             )
         super().__init__(**kwargs)
         self.repeats = int(repeats)
+
+    def check_ground_truth(self, num_classes: int) -> None:
+        raise ValueError(
+            "labels=ground_truth: the embedded sample photos have no labels; train on labelled images "
+            "(data=folder with data.train_root, or data=imagenette) or use labels=model"
+        )
 
     def _samples(self, split: str) -> list[Sample]:
         return embedded_samples()

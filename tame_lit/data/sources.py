@@ -38,8 +38,7 @@ def folder_samples(root: str | os.PathLike, class_index: str = "auto") -> tuple[
     wnid_index, _ = _imagenet_info()
     if class_index not in ("auto", "imagenet", "folder"):
         raise ValueError(f"data.class_index must be 'auto', 'imagenet' or 'folder', got {class_index!r}")
-    use_imagenet = class_index == "imagenet" or (class_index == "auto" and all(name in wnid_index for name in classes))
-    if use_imagenet:
+    if imagenet_indexed(classes, class_index):
         unknown = [name for name in classes if name not in wnid_index]
         if unknown:
             raise ValueError(f"folders {unknown[:5]} in {path} are not ImageNet WordNet ids")
@@ -51,6 +50,12 @@ def folder_samples(root: str | os.PathLike, class_index: str = "auto") -> tuple[
     except FileNotFoundError as error:
         raise FileNotFoundError(f"no images found in {path.resolve()}: {error}") from error
     return samples, classes
+
+
+def imagenet_indexed(classes: Sequence[str], class_index: str = "auto") -> bool:
+    """Whether ``folder_samples`` labels these class folders by ImageNet index (else by sorted folder name)."""
+    wnid_index, _ = _imagenet_info()
+    return class_index == "imagenet" or (class_index == "auto" and all(name in wnid_index for name in classes))
 
 
 def list_samples(root: str | os.PathLike, list_file: str | os.PathLike) -> list[Sample]:

@@ -22,6 +22,7 @@ from torch import Tensor
 from tame_lit.backbones import Backbone
 from tame_lit.checkpoints import IncompatibleCheckpointError, check_compatible, compatibility, head_options
 from tame_lit.explainers.base import Explainer
+from tame_lit.io import strict_json, write_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -37,12 +38,14 @@ __all__ = [
     "check_program_is_vouched_for",
     "describe_export",
     "export_record",
+    "metadata_checksum",
     "read_metadata",
     "sha256",
     "verify_maps",
+    "write_metadata",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: explainer.json records metadata_sha256, a checksum of its own content
 WEIGHTS_FILE = "head.safetensors"
 METADATA_FILE = "explainer.json"
 PROGRAM_FILE = "explainer.pt2"
@@ -69,9 +72,25 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def metadata_checksum(metadata: Mapping[str, Any]) -> str:
+    """The SHA-256 of ``metadata`` without its ``metadata_sha256``, as canonical strict JSON."""
+    content = {key: value for key, value in metadata.items() if key != "metadata_sha256"}
+    text = json.dumps(strict_json(content), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_metadata(folder: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    """Write ``folder/explainer.json`` (atomically) with ``metadata_sha256``: the weights' checksum it records
+    is covered too, so a changed or damaged metadata file is refused on loading (an accident check: anyone
+    who edits the file can recompute it)."""
+    metadata["metadata_sha256"] = metadata_checksum(metadata)
+    write_json(Path(folder) / METADATA_FILE, metadata)
+
+
 def read_metadata(path: str | os.PathLike, required: tuple[str, ...] = HEAD_KEYS) -> dict[str, Any]:
     """The ``explainer.json`` of an export folder (``path``: the folder or the file itself), checked: it
-    exists, parses, is of a format this tame-lit reads and holds the ``required`` keys."""
+    exists, parses, is of a format this tame-lit reads, matches its own checksum (format 2 on) and holds the
+    ``required`` keys."""
     path = Path(path)
     metadata_path = path if path.name == METADATA_FILE else path / METADATA_FILE
     if not metadata_path.is_file():
@@ -87,6 +106,11 @@ def read_metadata(path: str | os.PathLike, required: tuple[str, ...] = HEAD_KEYS
         raise InvalidExportError(
             f"{metadata_path}: export format {metadata.get('format_version')} is newer than this tame-lit's "
             f"{FORMAT_VERSION}; upgrade tame-lit"
+        )
+    if metadata.get("format_version", 0) >= 2 and metadata.get("metadata_sha256") != metadata_checksum(metadata):
+        raise InvalidExportError(
+            f"{metadata_path}: its content does not match its metadata_sha256: the file was edited or damaged after "
+            "export; re-export it from the checkpoint"
         )
     return metadata
 

@@ -32,10 +32,11 @@ from tame_lit.export.format import (
     read_metadata,
     sha256,
     verify_maps,
+    write_metadata,
 )
 from tame_lit.export.onnx import export_onnx
 from tame_lit.export.program import export_program
-from tame_lit.io import atomic_path, write_json
+from tame_lit.io import atomic_path
 
 __all__ = ["export_head", "load_export"]
 
@@ -89,7 +90,7 @@ def export_head(
         "sha256": sha256(weights),
         "source_checkpoint": str(checkpoint.resolve()),
     }
-    write_json(out / METADATA_FILE, metadata)
+    write_metadata(out, metadata)
     eager = HeadExplainer(backbone, head.eval())
     if verify:
         images = torch.rand(4, 3, *backbone.input_size, generator=torch.Generator().manual_seed(0))
@@ -101,7 +102,7 @@ def export_head(
     if onnx:
         metadata["onnx_sha256"] = sha256(export_onnx(eager, out / ONNX_FILE, verify=verify, atol=atol))
     if program or onnx:
-        write_json(out / METADATA_FILE, metadata)
+        write_metadata(out, metadata)
     return out
 
 

@@ -19,7 +19,7 @@ from tame_lit.checkpoints import IncompatibleCheckpointError
 from tame_lit.cli.explain import main as explain_main
 from tame_lit.evaluate import build_explainers
 from tame_lit.export import METADATA_FILE, export_head, sha256
-from tame_lit.export.format import UntrustedFileError
+from tame_lit.export.format import UntrustedFileError, write_metadata
 from tame_lit.train import train
 from tests.helpers import TINY_BACKBONE, TINY_OVERRIDES, compose_train
 
@@ -55,10 +55,9 @@ def _malicious_program(program: Path, marker: Path) -> None:
     with zipfile.ZipFile(program, "w") as archive:
         for name, data in entries.items():
             archive.writestr(name, data)
-    metadata_path = program.parent / METADATA_FILE
-    metadata = json.loads(metadata_path.read_text())
+    metadata = json.loads((program.parent / METADATA_FILE).read_text())
     metadata["program_sha256"] = sha256(program)
-    metadata_path.write_text(json.dumps(metadata))
+    write_metadata(program.parent, metadata)  # every checksum in the folder agrees: the attacker recomputed them
 
 
 @pytest.fixture
