@@ -147,6 +147,15 @@ def test_resuming_into_a_new_folder_never_points_at_the_old_runs_files(stopped_r
     assert (run / "export" / "head.safetensors").is_file()
 
 
+def test_a_rerun_in_the_same_folder_replaces_last_ckpt_instead_of_adding_a_versioned_copy(tmp_path):
+    run = tmp_path / "run"
+    for steps in (2, 3):
+        train(compose_train([*RUN, f"trainer.max_steps={steps}", "checkpoint_every_n_steps=0"], run))
+    names = sorted(path.name for path in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in names and not [name for name in names if "-v" in name], names
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [
