@@ -32,7 +32,7 @@ class SaveOnSignal(L.Callback):
     training step, save ``<dirpath>/last.ckpt`` (atomically, with the loop and optimiser state, mid-epoch
     too) and stop with ``Preempted``. Rerun the same command with ``auto_resume=true`` to continue.
 
-    The handlers are installed only while fitting, and the previous ones restored after. Under DDP the
+    The handlers are installed only while training, and the previous ones restored after. Under DDP the
     processes agree before saving (any process signalled stops all of them at the same step)."""
 
     def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
@@ -44,12 +44,14 @@ class SaveOnSignal(L.Callback):
     def _notice(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not on_fit_start: Lightning installs its own handlers after that hook and restores what it found at
+        # teardown, which would leave ours installed (a SIGTERM after training would only be noted)
         self.received = None
         for number in self.signals:
             self._previous[number] = signal.signal(number, self._notice)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -102,3 +102,26 @@ def test_a_failed_checkpoint_save_keeps_the_previous_file_and_leaves_no_temporar
     stale.write_bytes(b"half a checkpoint")
     writer.save_checkpoint({"global_step": 3}, path)
     assert not stale.exists() and torch.load(path, weights_only=True) == {"global_step": 3}
+
+
+class SignalSelf(L.Callback):
+    """Send ``signal_name`` to this process during step ``step`` (a scheduler's pre-emption notice)."""
+
+    def __init__(self, signal_name: str, step: int) -> None:
+        self.signal, self.step = signal.Signals[signal_name], step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            signal.raise_signal(self.signal)
+
+
+def test_sigusr1_finishes_the_step_saves_last_checkpoint_and_exits_with_128_plus_the_signal(tmp_path):
+    run = tmp_path / "run"
+    notice = [f"+callbacks.notice._target_={__name__}.SignalSelf", "+callbacks.notice.signal_name=SIGUSR1",
+              "+callbacks.notice.step=2"]  # fmt: skip
+    previous = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_train([*RUN, *notice, "trainer.max_steps=12", "checkpoint_every_n_steps=0"], run))
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3  # step 2 finished
+    assert not (run / "metrics.json").exists() and signal.getsignal(signal.SIGUSR1) == previous  # handler restored
