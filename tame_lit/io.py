@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "strict_json", "write_json"]
+__all__ = ["atomic_path", "output_folder_problem", "strict_json", "write_json"]
 
 
 @contextlib.contextmanager
@@ -46,3 +46,19 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     text = json.dumps(strict_json(data), indent=2, sort_keys=True, allow_nan=False)
     with atomic_path(path) as temporary:
         temporary.write_text(text + "\n")
+
+
+def output_folder_problem(out: str | os.PathLike) -> str | None:
+    """Why the folder ``out`` cannot take a command's outputs (a file, under a file, not writable), or None: the
+    command-line tools check it before any model is built or image read, so that a run never fails at its end
+    for want of a place to write."""
+    out = Path(out)
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return "is a file" if existing == out else f"is under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the folder" if existing == out else f"its nearest existing folder {existing}"
+        return f"{what} is not writable"
+    return None

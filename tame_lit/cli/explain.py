@@ -19,7 +19,6 @@ import csv
 import glob
 import html
 import io
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from tame_lit.data import (
     imagenet_class_names,
 )
 from tame_lit.explainers import Explainer
-from tame_lit.io import atomic_path, write_json
+from tame_lit.io import atomic_path, output_folder_problem, write_json
 from tame_lit.loading import load_explainer
 from tame_lit.viz import overlay_figure, save_figure
 
@@ -170,20 +169,6 @@ def _write_one(path, index, rank, cls, probabilities, image, saliency, names, ou
             "overlay": overlay_path.name, "map": map_path.name}  # fmt: skip
 
 
-def check_output_folder(out: Path) -> str | None:
-    """Why ``out`` cannot take the outputs (a file, under a file, not writable), or None: checked before any
-    model is built or image read, so a run never fails at its end for want of a place to write."""
-    existing = next((path for path in (out, *out.parents) if path.exists()), None)
-    if existing is None:
-        return None
-    if not existing.is_dir():
-        return "is a file" if existing == out else f"is under {existing}, which is a file"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "the folder" if existing == out else f"its nearest existing folder {existing}"
-        return f"{what} is not writable"
-    return None
-
-
 def _write_summary(rows: list[dict], failed: list[str], out: Path, explainer_name: str) -> None:
     buffer = io.StringIO()
     columns = ["file", "rank", "class", "name", "probability", "overlay", "map"]
@@ -241,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     options = {} if args.weights is None else {"weights": None if args.weights.lower() == "none" else args.weights}
     out = Path(args.out)
-    problem = check_output_folder(out)
+    problem = output_folder_problem(out)
     if problem:
         parser.error(f"--out {out}: {problem}")
     try:

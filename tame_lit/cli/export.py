@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from tame_lit.export import ExportError, export_head
+from tame_lit.io import output_folder_problem
 
 __all__ = ["main"]
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
         "and head as one torch.export program; onnx: also explainer.onnx (verified with onnxruntime if installed)",
     )
     args = parser.parse_args(argv)
+    problem = output_folder_problem(args.out) if args.out else None
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     try:
         out = export_head(
             args.checkpoint,

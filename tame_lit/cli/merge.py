@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tame_lit.io import output_folder_problem
 from tame_lit.merge import MergeError, merge_runs
 from tame_lit.metrics import Column
 from tame_lit.report import print_table
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for the merged run (metrics.json, report.md, ...)")
     parser.add_argument("--compare-to", help="reference of the paired comparisons (default: the runs' compare_to)")
     args = parser.parse_args(argv)
+    problem = output_folder_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     try:
         results = merge_runs(args.runs, args.out, compare_to=args.compare_to)
     except (MergeError, FileNotFoundError) as error:

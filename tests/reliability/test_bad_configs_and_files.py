@@ -18,6 +18,8 @@ from tame_lit import explainers
 from tame_lit.checkpoints import IncompatibleCheckpointError, read_checkpoint
 from tame_lit.cli.explain import _write_summary, explain_files
 from tame_lit.cli.explain import main as explain_main
+from tame_lit.cli.export import main as export_main
+from tame_lit.cli.merge import main as merge_main
 from tame_lit.config import check_command_line
 from tame_lit.data import ImageDataModule
 from tame_lit.export import METADATA_FILE, InvalidExportError, load_export
@@ -97,7 +99,7 @@ def test_an_edited_explainer_json_is_refused_weights_checksum_included(checkpoin
         load_export(export)
 
 
-def test_tame_explain_checks_its_output_folder_before_any_work(tmp_path, capsys):
+def test_the_command_line_tools_check_their_output_folder_before_any_work(tmp_path, capsys):
     image = tmp_path / "in.png"
     Image.new("RGB", (72, 72)).save(image)
     blocker = tmp_path / "file"
@@ -107,6 +109,11 @@ def test_tame_explain_checks_its_output_folder_before_any_work(tmp_path, capsys)
             explain_main([str(image), "--out", str(out), "--explainer", "no-such-method"])
         assert stopped.value.code == 2  # refused on --out, before the explainer is even looked up
         assert f"--out {out}: {problem}" in capsys.readouterr().err
+    for tool in (export_main, merge_main):  # refused on --out before the (missing) input is read
+        with pytest.raises(SystemExit) as stopped:
+            tool([str(tmp_path / "missing"), "--out", str(blocker / "sub")])
+        assert stopped.value.code == 2
+        assert f"--out {blocker / 'sub'}: is under {blocker}, which is a file" in capsys.readouterr().err
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
