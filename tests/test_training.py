@@ -99,8 +99,8 @@ def test_head_explainer_gives_normalised_maps_and_leaves_the_model_as_it_was():
 def test_ground_truth_labels_need_labelled_images():
     module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, labels="ground_truth")
     trainer = quiet_trainer(max_steps=1, enable_checkpointing=False)
-    with pytest.raises(ValueError, match="needs labelled images"):
-        trainer.fit(module, tiny_data())
+    with pytest.raises(ValueError, match="labels=ground_truth: the embedded sample photos have no labels"):
+        trainer.fit(module, tiny_data())  # refused at set-up, before the first step
     with pytest.raises(ValueError, match="'model' or 'ground_truth'"):
         HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, labels="predicted")
 
