@@ -128,13 +128,11 @@ class ImageDataset(Dataset):
             image = load_rgb(path, self.draft_size, self.max_pixels)
         except Exception as error:
             return _skip(path, error)
-        if self.boxes is None:
-            try:
-                return self.transform(image), label, reported
-            except Exception as error:
-                return _skip(path, error)
-        classes, boxes = self.boxes.for_image(path, image.size)  # a missing box file is the user's to fix
+        if self.boxes is not None:
+            classes, boxes = self.boxes.for_image(path, image.size)  # a missing box file is the user's to fix
         try:
+            if self.boxes is None:
+                return self.transform(image), label, reported
             tensor, moved = self.transform(image, boxes)
         except Exception as error:
             return _skip(path, error)
