@@ -294,6 +294,8 @@ class TrainConfig(TaskConfig):
     labels: str = _MODULE_OPTIONS["labels"].default
     # AD/IC of the validation at these fractions of pixels kept
     val_keep: list[float] = dataclasses.field(default_factory=lambda: list(_MODULE_OPTIONS["val_keep"].default))
+    # under DDP: the head's batch norms and the batch's label set over all processes (= one process, batch B)
+    sync_statistics: bool = _MODULE_OPTIONS["sync_statistics"].default
     loss: MaskingLoss = dataclasses.field(default_factory=MaskingLoss)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     head: Any = MISSING

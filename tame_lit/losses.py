@@ -179,10 +179,12 @@ class MaskingLoss:
         threshold get a gradient (at ``kept_temperature`` on that [0, 1] scale)."""
         return 1 - top_fraction_indicator(order, fraction, self.kept_temperature)
 
-    def regularised_maps(self, masks: Tensor, label_columns: Tensor) -> Tensor:
-        """``masks`` [B, K, h, w] (sigmoid maps of K classes); ``label_columns`` [B] each label's column."""
+    def regularised_maps(self, masks: Tensor, label_columns: Tensor, batch_columns: Tensor | None = None) -> Tensor:
+        """``masks`` [B, K, h, w] (sigmoid maps of K classes); ``label_columns`` [B] each label's column;
+        ``batch_columns`` the columns of every label of the batch that ``selection="batch"`` regularises each
+        image's maps of (default ``label_columns``; under DDP those of all processes' images, in any order)."""
         if self.selection == "batch":
-            return masks[:, label_columns]
+            return masks[:, label_columns if batch_columns is None else batch_columns]
         return masks[torch.arange(masks.shape[0], device=masks.device), label_columns].unsqueeze(1)
 
     def __call__(
@@ -193,16 +195,17 @@ class MaskingLoss:
         label_columns: Tensor,
         kept_logits: Sequence[Tensor] = (),
         deleted_logits: Sequence[Tensor] = (),
+        batch_columns: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``kept_logits`` / ``deleted_logits``: the logits of the image times ``kept_mask`` / ``deleted_mask`` at
-        each fraction of ``kept`` / ``deleted``."""
+        each fraction of ``kept`` / ``deleted``; ``batch_columns``: see ``regularised_maps``."""
         if len(kept_logits) != len(self.kept):
             raise ValueError(f"loss.kept={list(self.kept)} needs {len(self.kept)} kept logits, got {len(kept_logits)}")
         if len(deleted_logits) != len(self.deleted):
             raise ValueError(
                 f"loss.deleted={list(self.deleted)} needs {len(self.deleted)} deleted logits, got {len(deleted_logits)}"
             )
-        regularised = self.regularised_maps(masks, label_columns)
+        regularised = self.regularised_maps(masks, label_columns, batch_columns)
         terms = {
             "ce": self.ce * F.cross_entropy(masked_logits.float(), labels),
             "area": self.area * area_loss(regularised, self.area_exponent),

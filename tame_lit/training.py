@@ -23,6 +23,7 @@ from tame_lit import __version__, backbones, checkpoints, heads
 from tame_lit.checkpoints import IncompatibleCheckpointError
 from tame_lit.features import preserved_state
 from tame_lit.heads import head_maps, select_classes
+from tame_lit.heads.sync import distributed, synchronise_batch_norm
 from tame_lit.losses import MaskingLoss
 from tame_lit.maps import normalize, upsample
 from tame_lit.metrics import AverageDropIncrease, ScoredBatch
@@ -76,6 +77,10 @@ class HeadTrainingModule(L.LightningModule):
     All arguments are plain configs (dicts of primitives), saved as hyperparameters, so a checkpoint alone
     rebuilds the module: ``HeadTrainingModule.load_from_checkpoint(path)``. ``labels``: ``"model"`` (the
     backbone's top-1 on the clean image, as TAME) or ``"ground_truth"`` (the dataset's labels).
+    ``sync_statistics``: under DDP, the head's batch statistics are those of all processes' images together
+    (its batch norms, and the labels whose maps ``loss.selection="batch"`` regularises), so N processes with
+    batch B / N train the head one process with batch B trains; false: each process's own (the original
+    TAME code's per-GPU batch norm), saving two small all-reduces per batch norm and one per step.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class HeadTrainingModule(L.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         labels: str = "model",
         val_keep: Sequence[float] = (1.0, 0.5, 0.15),
+        sync_statistics: bool = True,
     ) -> None:
         super().__init__()
         self._batches_with_images = 0  # this epoch's, for the nothing-to-learn check
@@ -104,6 +110,7 @@ class HeadTrainingModule(L.LightningModule):
         self.optimizer_config = OptimizerConfig(**(optimizer or {}))
         self.labels = labels
         self.val_keep = tuple(float(f) for f in val_keep)
+        self.sync_statistics = bool(sync_statistics)
         self.save_hyperparameters(
             {
                 "backbone": backbone_cfg,
@@ -112,6 +119,7 @@ class HeadTrainingModule(L.LightningModule):
                 "optimizer": asdict(self.optimizer_config),
                 "labels": labels,
                 "val_keep": list(self.val_keep),
+                "sync_statistics": self.sync_statistics,
             }
         )
         self.val_ad_ic = AverageDropIncrease(keep=self.val_keep)
@@ -122,6 +130,26 @@ class HeadTrainingModule(L.LightningModule):
         check = getattr(self.trainer.datamodule, "check_ground_truth", None) if self._trainer is not None else None
         if self.labels == "ground_truth" and stage == "fit" and callable(check):
             check(self.backbone.num_classes)
+        if stage == "fit" and self.sync_statistics and distributed():
+            synchronise_batch_norm(self.head)
+
+    def _synced(self) -> bool:
+        """Whether this training step's head statistics are taken over all processes."""
+        return self.training and self.sync_statistics and distributed()
+
+    def _batch_classes(self, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The classes whose maps the step computes (sorted), each label's column among them, and the columns
+        of all the batch's labels that ``loss.selection="batch"`` regularises each image's maps of. Under
+        ``sync_statistics`` the batch is every process's batch together (one all-reduce of class counts), so
+        each process regularises its images on the maps of the whole batch's labels, as one process would."""
+        if not (self._synced() and self.objective.selection == "batch"):
+            classes, columns = torch.unique(labels, return_inverse=True)
+            return classes, columns, columns
+        counts = torch.bincount(labels, minlength=self.backbone.num_classes).float()
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum").round().long()
+        classes = counts.nonzero().flatten()
+        batch_columns = torch.repeat_interleave(torch.arange(len(classes), device=labels.device), counts[classes])
+        return classes, torch.searchsorted(classes, labels), batch_columns
 
     def _labels(self, logits: Tensor, dataset_labels: Tensor) -> Tensor:
         if self.labels == "model":
@@ -136,7 +164,7 @@ class HeadTrainingModule(L.LightningModule):
         With ``loss.kept``, one more backbone pass per fraction p, on the image masked by each map's top p
         pixels (``MaskingLoss.kept_mask``), gives the terms ``ce@<p>``; with ``loss.deleted``, one per fraction
         on the image with those pixels deleted (``MaskingLoss.deleted_mask``), the terms ``del@<p>``."""
-        classes, columns = torch.unique(labels, return_inverse=True)
+        classes, columns, batch_columns = self._batch_classes(labels)
         maps = self.head(features, classes).float()  # [B, U, h, w] logits
         masks = torch.sigmoid(maps)
         own_maps = select_classes(maps, classes, labels)  # each image's logits of its label
@@ -153,7 +181,8 @@ class HeadTrainingModule(L.LightningModule):
                 self.backbone(images * self.objective.deleted_mask(order, fraction).unsqueeze(1).to(images.dtype))
                 for fraction in self.objective.deleted
             ]
-        return self.objective(masked_logits, labels, masks, columns, kept_logits, deleted_logits), masked_logits
+        terms = self.objective(masked_logits, labels, masks, columns, kept_logits, deleted_logits, batch_columns)
+        return terms, masked_logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         images = batch["images"]
@@ -166,11 +195,17 @@ class HeadTrainingModule(L.LightningModule):
             sync_dist=True,
         )
         if images.shape[0] == 0:
-            self._stop_unless_finite({}, "the training loss", agree=True)  # pairs with the others' check
             if self.trainer.world_size > 1:
                 # DDP all-reduces the gradients in backward: a process with no loss would leave the others
-                # waiting, so it contributes a zero loss on the head's parameters instead
-                return sum(p.sum() for p in self.head.parameters() if p.requires_grad) * 0.0
+                # waiting, so it contributes a zero loss on the head's parameters instead (and, with synced
+                # statistics, takes its part in their all-reduces with a batch of no image)
+                if self._synced():  # the head's graph as on the others, so their backward collectives pair
+                    idle = self._empty_head_pass(batch["labels"]) * 0.0
+                else:
+                    idle = sum(p.sum() for p in self.head.parameters() if p.requires_grad) * 0.0
+                self._stop_unless_finite({}, "the training loss", agree=True)  # pairs with the others' check
+                return idle
+            self._stop_unless_finite({}, "the training loss", agree=True)
             return None
         self._batches_with_images += 1
         with torch.no_grad():
@@ -186,6 +221,15 @@ class HeadTrainingModule(L.LightningModule):
         for layer, gamma in getattr(self.head, "gammas", dict)().items():  # SA-CAM: attention mixed in
             self.log(f"train/gamma/{layer}", gamma, batch_size=batch_size)
         return terms["loss"]
+
+    def _empty_head_pass(self, labels: Tensor) -> Tensor:
+        """The head on a batch of no image (features of its layers' shapes, batch size 0): the collectives of a
+        synced step, in the order a step with images makes them."""
+        shapes = self.backbone.layer_shapes(self.head.layers)
+        device = self.backbone.mean.device
+        features = {layer: torch.zeros(0, *shapes[layer], device=device) for layer in self.head.layers}
+        classes = self._batch_classes(labels)[0]
+        return self.head(features, classes).float().sum()
 
     def _stop_unless_finite(self, values: Mapping[str, Tensor], what: str, agree: bool = False) -> None:
         """Raise ``NonFiniteTrainingError`` naming the step and the non-finite ``values`` (loss terms or head

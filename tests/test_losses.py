@@ -35,6 +35,27 @@ def test_selection_batch_is_b_by_b_and_diagonal_is_b_by_1():
         MaskingLoss(selection="random")
 
 
+@pytest.mark.parametrize("selection", ["batch", "diagonal"])
+def test_two_halves_with_the_whole_batch_columns_average_to_the_whole_batch_loss(selection):
+    """What DDP computes (each process its half, gradients averaged) is the one-process loss when each half is
+    regularised on the maps of the whole batch's labels (``batch_columns``), in any order."""
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 4, 5, 5, generator=generator)  # 4 classes' maps of 6 images
+    logits = torch.randn(6, 10, generator=generator)
+    labels = torch.tensor([3, 7, 3, 1, 9, 7])
+    columns = torch.tensor([1, 2, 1, 0, 3, 2])  # each label's column among the classes [1, 3, 7, 9]
+    loss = MaskingLoss(selection=selection)
+    whole = loss(logits, labels, masks, columns)
+    everything = torch.tensor([0, 1, 1, 2, 2, 3])  # the whole batch's columns, sorted as the all-reduce gives
+    halves = [loss(logits[part], labels[part], masks[part], columns[part], batch_columns=everything)
+              for part in (slice(0, 3), slice(3, 6))]  # fmt: skip
+    for term in ("ce", "area", "variation", "loss"):
+        torch.testing.assert_close((halves[0][term] + halves[1][term]) / 2, whole[term])
+    if selection == "batch":  # each half on its own labels only is not the same objective
+        alone = [loss(logits[part], labels[part], masks[part], columns[part]) for part in (slice(0, 3), slice(3, 6))]
+        assert not torch.allclose((alone[0]["area"] + alone[1]["area"]) / 2, whole["area"])
+
+
 def test_loss_combines_the_terms_with_their_weights():
     loss = MaskingLoss(ce=1.5, area=2.0, variation=0.01)
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])

@@ -276,13 +276,17 @@ class ImageDataModule(L.LightningDataModule):
         self._resume_at = state_dict.get("train_position")
 
     def val_dataloader(self) -> DataLoader | list:
+        """Every image exactly once, also across processes: the validation's metrics are sums over images."""
         if self.eval_dataset is None:
             return []
-        return self._loader(self.eval_dataset, self.eval_batch_size)
+        return self._eval_loader()
 
     def test_dataloader(self) -> DataLoader:
         """Every image exactly once, also across processes (see ``EvenlySplitSampler``)."""
-        sampler = None
+        return self._eval_loader()
+
+    def _eval_loader(self) -> DataLoader:
+        sampler = None  # one process: in order; several: each its share, none padded (Lightning's would be)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = EvenlySplitSampler(self.eval_dataset)
         return self._loader(self.eval_dataset, self.eval_batch_size, sampler)
