@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from tame_lit import backbones, explainers, metrics
+from tame_lit.acceleration import Acceleration
 from tame_lit.evaluation import EvaluationModule
 from tame_lit.heads import HEADS
 from tame_lit.losses import MaskingLoss
@@ -260,6 +261,9 @@ def _init_chain(cls: type) -> list[type]:
 _MODULE_OPTIONS = inspect.signature(HeadTrainingModule).parameters
 
 
+_ACCELERATION = Acceleration()
+
+
 @dataclasses.dataclass
 class TaskConfig:
     """The top-level keys ``train.py`` and ``evaluate.py`` share. The config groups' nodes (``backbone``,
@@ -270,6 +274,10 @@ class TaskConfig:
     seed: int | None = 42
     float32_matmul_precision: str | None = "high"  # torch.set_float32_matmul_precision; null leaves it
     keep_freed_memory: bool = True  # glibc keeps freed memory for reuse: ~3x faster CPU batches, peak memory kept
+    # torch.compile of the backbone and the head(s), channels-last layout (tame_lit.acceleration.Acceleration)
+    compile: bool = _ACCELERATION.compile
+    compile_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # torch.compile's keywords
+    channels_last: bool = _ACCELERATION.channels_last
     backbone: Any = MISSING
     data: Any = MISSING
     trainer: Any = MISSING

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tame_lit import __version__, backbones, explainers
+from tame_lit.acceleration import Acceleration
 from tame_lit.config import check_command_line, config_dir, finishing, instantiate_group, start_process, start_task
 from tame_lit.evaluation import EvaluationModule, NothingScoredError
 from tame_lit.explainers import Explainer
@@ -136,6 +137,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     start_task(cfg)
     backbone = backbones.create(**OmegaConf.to_container(cfg.backbone, resolve=True))
     built, settings, failures = build_explainers(cfg, backbone)
+    speed = Acceleration(cfg.compile, cfg.channels_last, OmegaConf.to_container(cfg.compile_options, resolve=True))
+    explainers.accelerate_explainers(speed, built.values())
     datamodule = instantiate(cfg.data)
     subsets = _subsets(cfg, datamodule, settings)
     metric_options = OmegaConf.to_container(cfg.metrics, resolve=True)

@@ -170,3 +170,15 @@ def test_a_trained_head_explains_imagenet_sample(tmp_path, shared_data):
     assert result.returncode == 1, result.stderr[-2000:]
     rows = check_outputs(tmp_path / "out", images=3, topk=1)
     assert {row["name"] for row in rows} == {"tench"}  # --target by name
+
+
+def test_channels_last_gives_the_same_maps(checkpoint, tmp_path):
+    small_photos(tmp_path / "photos", count=2)
+    maps = {}
+    for name, flags in (("plain", []), ("nhwc", ["--channels-last"])):
+        out = tmp_path / name
+        assert main([str(tmp_path / "photos"), "--explainer", str(checkpoint), "--out", str(out), *flags]) == 0
+        maps[name] = {path.name: np.load(path) for path in sorted(out.glob("*.npy"))}
+    assert len(maps["plain"]) == 2 and maps["plain"].keys() == maps["nhwc"].keys()
+    for key, value in maps["plain"].items():
+        np.testing.assert_allclose(maps["nhwc"][key], value, atol=1e-4)

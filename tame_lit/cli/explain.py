@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tame_lit import backbones, explainers
+from tame_lit.acceleration import Acceleration
 from tame_lit.data import (
     PIXEL_LIMIT,
     ImageDataset,
@@ -221,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="skip larger images, unread (default: %(default)s, PIL's decompression-bomb limit; 0: no limit)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the head (the "
+                        "first batch pays the compilation)")  # fmt: skip
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (NHWC)")
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
@@ -235,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         names = imagenet_class_names() if explainer.num_classes == 1000 else None
         target = resolve_target(args.target, names, explainer.num_classes)
+        explainers.accelerate_explainers(Acceleration(args.compile, args.channels_last), [explainer])
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     files, missing = collect_inputs(args.paths)

@@ -22,7 +22,15 @@ from tame_lit.explainers import (  # noqa: F401
     sise,
     xgradcam,
 )
-from tame_lit.explainers.base import EXPLAINERS, BackboneExplainer, Explainer, GradientCAM, LayerExplainer, create
+from tame_lit.explainers.base import (
+    EXPLAINERS,
+    BackboneExplainer,
+    Explainer,
+    GradientCAM,
+    LayerExplainer,
+    accelerate_explainers,
+    create,
+)
 from tame_lit.explainers.head import HeadExplainer, head_maps
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "GradientCAM",
     "HeadExplainer",
     "LayerExplainer",
+    "accelerate_explainers",
     "available",
     "create",
     "explainer_class",

@@ -5,12 +5,13 @@ to a layer, map post-processing)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from tame_lit.acceleration import Acceleration, accelerate
 from tame_lit.backbones import Backbone
 from tame_lit.features import check_layers, preserved_state
 from tame_lit.maps import normalize, upsample
@@ -23,6 +24,7 @@ __all__ = [
     "Explainer",
     "GradientCAM",
     "LayerExplainer",
+    "accelerate_explainers",
     "chunks",
     "create",
     "perturbed_logits",
@@ -55,6 +57,10 @@ class Explainer:
     def input_size(self) -> tuple[int, int]:
         """The image size ``(H, W)`` the explained classifier was made for."""
         raise NotImplementedError
+
+    def networks(self) -> list[nn.Module]:
+        """The torch modules it runs (what ``compile`` and ``channels_last`` apply to); none for compiled files."""
+        return []
 
     def predict(self, images: Tensor) -> Tensor:
         """The explained model's logits ``[B, num_classes]`` (float32) for ``images``, without gradients."""
@@ -110,6 +116,9 @@ class BackboneExplainer(Explainer):
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
+
+    def networks(self) -> list[nn.Module]:
+        return [self.backbone]
 
     @property
     def num_classes(self) -> int:
@@ -253,6 +262,12 @@ class GradientCAM(LayerExplainer):
 
 # name -> method class; each method's file registers itself (``@EXPLAINERS.register("name")``)
 EXPLAINERS: Registry[type[BackboneExplainer]] = Registry("explainer")
+
+
+def accelerate_explainers(settings: Acceleration, explainers: Iterable[Explainer]) -> None:
+    """``compile`` / ``channels_last`` for every network the explainers run, each once (they share the backbone)."""
+    networks = {id(network): network for explainer in explainers for network in explainer.networks()}
+    accelerate(settings, *networks.values())
 
 
 def create(name: str, backbone: Backbone, layers: Sequence[str] | str | None = None, **options: object) -> Explainer:

@@ -5,7 +5,7 @@ Loading one from a file (checkpoint, export folder, program, ONNX graph) is ``ta
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tame_lit.backbones import Backbone
 from tame_lit.explainers.base import BackboneExplainer
@@ -21,6 +21,9 @@ class HeadExplainer(BackboneExplainer):
     def __init__(self, backbone: Backbone, head: ExplanationHead) -> None:
         super().__init__(backbone)
         self.head = head
+
+    def networks(self) -> list[nn.Module]:
+        return [self.backbone, self.head]
 
     def to(self, device: str | torch.device) -> HeadExplainer:
         self.backbone.to(device)
