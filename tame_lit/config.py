@@ -29,9 +29,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, read_write
 
 from tame_lit import backbones, explainers, metrics
 from tame_lit.acceleration import Acceleration
@@ -91,7 +93,26 @@ def start_process(cfg: DictConfig, keys: Sequence[str]) -> None:
     faster CPU batches; peak memory is kept), and the settings that decide the run are printed."""
     if cfg.keep_freed_memory:
         keep_freed_memory()
+    launch_other_processes_into_this_job()
     print_config(cfg, tuple(keys))
+
+
+def launch_other_processes_into_this_job() -> None:
+    """In a sweep (``-m``, Optuna), make the processes Lightning's DDP launcher starts run *this* job, in its folder.
+
+    Lightning starts each further process with this process's command line plus ``hydra.run.dir=<run.dir>``.
+    In a sweep that command line is the whole sweep: each further process would run every job of it (an Optuna
+    sampler could even give it other values than this process trains with) and write into a sweep folder of
+    its own. Here the command line becomes this job's overrides alone and ``run.dir`` this job's folder, so
+    the processes of a job share one folder and its values."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
 def start_task(cfg: DictConfig) -> None:
@@ -104,10 +125,17 @@ def start_task(cfg: DictConfig) -> None:
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
 
+# what Lightning's DDP launcher sets in the launching process's environment
+LAUNCHER_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
 @contextlib.contextmanager
 def finishing(loggers: Sequence[Any]) -> Iterator[None]:
-    """Run the task, then close the W&B run if one of ``loggers`` opened it (also when the task fails), so a
-    sweep's next job starts a run of its own."""
+    """Run the task, then (also when it fails) close what it opened, so that a sweep's next job starts afresh:
+    the W&B run if one of ``loggers`` opened it, and the DDP processes this job launched (their process group,
+    and the launcher's variables, which would otherwise make Lightning take the next job's processes as
+    already started and wait for them forever)."""
+    launcher = {key: os.environ.get(key) for key in LAUNCHER_ENVIRONMENT}
     try:
         yield
     finally:
@@ -115,6 +143,11 @@ def finishing(loggers: Sequence[Any]) -> Iterator[None]:
             import wandb
 
             wandb.finish()
+        if launcher["LOCAL_RANK"] is None and os.environ.get("LOCAL_RANK") is not None:  # this job launched them
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            for key, value in launcher.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def print_config(cfg: DictConfig, keys: tuple[str, ...] = ("backbone", "head", "data", "loss", "optimizer",

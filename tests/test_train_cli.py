@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import TINY_OVERRIDES, run_cli
+from tests.helpers import ROOT, TINY_OVERRIDES, run_cli
 
 
 def only_run(root: Path) -> Path:
@@ -64,6 +64,48 @@ def test_ddp_with_two_cpu_processes(tmp_path, head):
     assert (run_dir / "csv").is_dir() == (head == "tame")
     if head == "sacam":
         assert {"train/gamma/layer2", "train/gamma/layer3", "train/gamma/layer4"} <= set(metrics)
+
+
+def test_a_ddp_sweep_runs_each_job_once_with_its_processes_in_its_folder(tmp_path):
+    """Lightning starts a DDP job's second process with the first one's command line: in a sweep, that line
+    was the whole sweep, so the second process ran every job (an Optuna sampler could give it other values) and
+    wrote into a sweep folder of its own. Now each job's processes share its values and its folder, and the
+    next job launches processes of its own."""
+    args = ["-m", *TINY_OVERRIDES, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.precision=32-true", "trainer.max_steps=2", "export=false",
+            "optimizer.max_lr=1e-3,1e-2"]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()  # one sweep folder, not one per process
+    assert sorted(path.name for path in sweep.iterdir() if path.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        assert (sweep / job / "train_ddp_process_1.log").is_file() and (sweep / job / "metrics.json").is_file()
+    # each job's settings are printed once by each of its two processes, and no process ran the other job
+    counts = (result.stderr.count("max_lr: 0.001\n"), result.stderr.count("max_lr: 0.01\n"))
+    assert counts == (2, 2), result.stderr[-3000:]
+
+
+def test_torchrun_processes_share_the_run_folder_given(tmp_path):
+    """The README's multi-node command on one node: torchrun starts both processes (Lightning launches none),
+    and with ``hydra.run.dir`` given, both write into that one folder."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # torchrun's static rendezvous needs a real port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tmp_path / "run"
+    args = [*TINY_OVERRIDES, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+            "trainer.max_steps=2", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+               f"--master-port={port}", str(ROOT / "train.py"), *args]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr  # two processes trained together
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no other run folder
+    assert_finished(result, run_dir)
 
 
 def test_multirun_sweep_and_optuna_search(tmp_path):
