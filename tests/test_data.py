@@ -266,3 +266,17 @@ def test_holdout_of_a_train_list_splits_the_listed_images_only(tmp_path):
     assert not set(train) & set(held) and len(set(held)) == 4 and len(train) + len(held) == 9
     assert sorted(label for _, label in set(held)) == [0, 0, 1, 1]
     assert all(name.startswith(("n01440764/img_0", "n02102040/img_0")) for name, _ in train + held)
+
+
+def test_loader_settings_reach_the_loaders(tmp_path):
+    make_folder(tmp_path)
+    data = ImageDataModule(root=str(tmp_path), train_root=str(tmp_path), num_workers=1, persistent_workers=False,
+                           prefetch_factor=4, resize_size=16, crop_size=16)  # fmt: skip
+    data.setup("fit")
+    for loader in (data.train_dataloader(), data.val_dataloader()):
+        assert loader.prefetch_factor == 4 and not loader.persistent_workers and loader.num_workers == 1
+    default = ImageDataModule(root=str(tmp_path), num_workers=2, resize_size=16, crop_size=16)
+    default.setup("validate")
+    assert default.val_dataloader().persistent_workers and default.val_dataloader().prefetch_factor == 2
+    with pytest.raises(ValueError, match=r"data\.prefetch_factor must be >= 1, got 0"):
+        ImageDataModule(root=str(tmp_path), prefetch_factor=0)

@@ -58,9 +58,12 @@ class ImageDataModule(L.LightningDataModule):
     ``tame-merge`` can join the shards' runs into the run of the whole set (an evaluation too long for one
     sitting, or spread over machines). Under ``train.py`` they would shard the validation images: leave them.
     ``max_image_pixels``: larger images are skipped unread, named and counted like unreadable ones (a
-    decompression bomb never stops a run); null: no limit. ``max_bad_fraction``: training stops, naming the
-    folder and the count, as soon as more than this share of an epoch's training images were unusable (a
-    wrong folder or a broken copy, not a few bad files); evaluation reports its skipped images.
+    decompression bomb never stops a run); null: no limit. Loader settings: ``num_workers`` decoding processes,
+    ``pin_memory`` (page-locked batches for faster copies to a CUDA device; ignored without one),
+    ``persistent_workers`` (keep the workers between epochs and validations instead of restarting them),
+    ``prefetch_factor`` (batches each worker prepares ahead; null: torch's 2). ``max_bad_fraction``: training
+    stops, naming the folder and the count, as soon as more than this share of an epoch's training images were
+    unusable (a wrong folder or a broken copy, not a few bad files); evaluation reports its skipped images.
     """
 
     def __init__(
@@ -82,6 +85,8 @@ class ImageDataModule(L.LightningDataModule):
         crop_size: int = 224,
         class_index: str = "auto",
         pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
         num_shards: int = 1,
         shard: int = 0,
         max_image_pixels: int | None = PIXEL_LIMIT,
@@ -91,6 +96,8 @@ class ImageDataModule(L.LightningDataModule):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         _at_least_one(num_shards, "data.num_shards")
+        if prefetch_factor is not None:
+            _at_least_one(prefetch_factor, "data.prefetch_factor")
         if not 0 <= shard < num_shards:
             raise ValueError(f"data.shard must be in 0 .. data.num_shards - 1 = {num_shards - 1}, got {shard}")
         if holdout_per_class is not None:
@@ -247,7 +254,8 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=workers,
             collate_fn=collate,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            prefetch_factor=self.hparams.prefetch_factor if workers > 0 else None,
         )
 
     @property
