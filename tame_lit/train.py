@@ -6,10 +6,12 @@ import json
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: nothing to log the rates to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg.trainer.get("plugins"))
     )
     settings = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
@@ -77,6 +79,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         except IncompatibleCheckpointError as error:
             raise IncompatibleCheckpointError(f"{ckpt_path}: {error}") from None
     return metrics
+
+
+def _plugins(configured: Any) -> list[Any]:
+    """``trainer.plugins`` (e.g. a precision plugin), plus checkpoints written atomically unless one of them
+    already is a checkpoint IO of the user's."""
+    plugins = instantiate(configured) if configured is not None else []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) or OmegaConf.is_list(plugins) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def _export(checkpoint: str, out: Path, loggers: list) -> None:

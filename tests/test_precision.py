@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
+from tame_lit.train import train
 from tame_lit.training import HeadTrainingModule
-from tests.helpers import TINY_BACKBONE
-from tests.test_training import tiny_data
+from tests.helpers import TINY_BACKBONE, TINY_OVERRIDES, compose_train
 
 # (relative tolerance of every loss term, largest and mean absolute difference of the [0, 1] maps), measured
 # on this random tiny backbone at 64 px: bf16 keeps 8 bits of mantissa, float16 11.
@@ -54,18 +54,16 @@ def test_loss_terms_and_maps_match_32_true(precision):
 
 
 def test_16_mixed_trains_with_a_grad_scaler_and_checkpoints_its_scale(tmp_path):
-    torch.manual_seed(0)
-    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, optimizer={"max_lr": 0.05})
-    before = {key: value.clone() for key, value in module.head.state_dict().items()}
-    plugin = _plugin("16-mixed")
-    trainer = L.Trainer(accelerator="cpu", plugins=[plugin], max_steps=3, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    trainer.fit(module, tiny_data())
-    assert trainer.precision == "16-mixed" and plugin.scaler.is_enabled()
-    head = module.head.state_dict()
+    """Through ``train.py``'s config: the precision plugin in ``trainer.plugins`` (how float16 runs on a CPU;
+    on a GPU ``trainer.precision=16-mixed`` builds the same), kept beside tame-lit's atomic checkpoint writer."""
+    plugin = ("{_target_: lightning.pytorch.plugins.precision.MixedPrecision, precision: 16-mixed, device: cpu, "
+              "scaler: {_target_: torch.amp.GradScaler, device: cpu}}")  # fmt: skip
+    overrides = [*TINY_OVERRIDES, "trainer.max_steps=3", "logger=none", "trainer.precision=null",
+                 f"+trainer.plugins=[{plugin}]", "optimizer.max_lr=0.05"]  # fmt: skip
+    metrics = train(compose_train(overrides, tmp_path))
+    assert math.isfinite(metrics["train/loss"])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["MixedPrecision"]["scale"] > 0  # the GradScaler's state, restored on resume
+    head = {key: value for key, value in checkpoint["state_dict"].items() if key.startswith("head.")}
     assert all(torch.isfinite(value.float()).all() for value in head.values())
-    assert any(not torch.equal(value, before[key]) for key, value in head.items())  # the scaler let steps through
-    path = tmp_path / "last.ckpt"
-    trainer.save_checkpoint(path)
-    saved = torch.load(path, weights_only=True)["MixedPrecision"]
-    assert saved["scale"] == plugin.scaler.get_scale() > 0
+    assert checkpoint["global_step"] == 3 and (tmp_path / "export" / "head.safetensors").is_file()
