@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tame_lit import backbones, explainers, heads
+from tame_lit.acceleration import Acceleration
 from tame_lit.callbacks import HeatmapGrid
 from tame_lit.config import ConfigError, check_command_line, check_config, config_dir
 from tame_lit.data import EmbeddedDataModule, ImageDataModule
@@ -59,8 +60,11 @@ def test_loss_optimizer_and_module_options_are_the_code_defaults(tmp_path):
     code = {key: list(value) if isinstance(value, tuple) else value for key, value in code.items()}
     assert cfg["loss"] == code  # YAML has lists where the dataclass has tuples
     assert cfg["optimizer"] == dataclasses.asdict(OptimizerConfig())
-    module = code_defaults(HeadTrainingModule, skip=("backbone", "head", "loss", "optimizer"))
+    module = code_defaults(HeadTrainingModule, skip=("backbone", "head", "loss", "optimizer", "acceleration"))
     assert {key: cfg[key] for key in module} == module
+    speed = dataclasses.asdict(Acceleration())  # the module's acceleration: the top-level keys of both tasks
+    resolved = OmegaConf.to_container(compose_train([], tmp_path), resolve=True)["module"]["acceleration"]
+    assert {key: cfg[key] for key in speed} == speed == resolved
 
 
 def test_backbone_configs_take_the_architectures_defaults(tmp_path):
