@@ -36,7 +36,7 @@ def parts(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     for batch in batches:
         for speed, flags in (("eager", []), ("compiled, channels-last", ["--compile", "--channels-last"])):
             if args.quick and flags:
-                flags = ["--channels-last"]  # compiling takes minutes on a CPU
+                speed, flags = "channels-last (--quick: not compiled)", ["--channels-last"]  # minutes on a CPU
             command = ["train_throughput.py", *device, "--batch", str(batch), *size, *steps, *precision, *flags,
                        "--heads", "tame", "--backbones", *backbones]  # fmt: skip
             runs.append((f"Training and explaining, batch {batch}, bf16, {speed}", command))
