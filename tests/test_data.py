@@ -280,3 +280,23 @@ def test_loader_settings_reach_the_loaders(tmp_path):
     assert default.val_dataloader().persistent_workers and default.val_dataloader().prefetch_factor == 2
     with pytest.raises(ValueError, match=r"data\.prefetch_factor must be >= 1, got 0"):
         ImageDataModule(root=str(tmp_path), prefetch_factor=0)
+
+
+def test_augment_false_trains_on_the_centre_crop_every_epoch(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    for wnid in ("n01440764", "n02102040"):
+        (tmp_path / wnid).mkdir()
+        for index in range(2):  # noise: every crop and flip of it differs
+            pixels = (torch.rand(40, 50, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / wnid / f"{index}.png")
+    options = dict(root=str(tmp_path), train_root=str(tmp_path), num_workers=0, resize_size=20, crop_size=16)
+    plain = ImageDataModule(augment=False, **options)
+    plain.setup("fit")
+    for index in range(len(plain.train_dataset)):
+        first, second = plain.train_dataset[index][0], plain.train_dataset[index][0]
+        assert torch.equal(first, second) and torch.equal(first, plain.eval_dataset[index][0])
+    augmented = ImageDataModule(**options)
+    augmented.setup("fit")
+    torch.manual_seed(0)
+    draws = [augmented.train_dataset[0][0] for _ in range(8)]
+    assert any(not torch.equal(draw, draws[0]) for draw in draws)  # random crops and flips

@@ -61,9 +61,11 @@ class ImageDataModule(L.LightningDataModule):
     decompression bomb never stops a run); null: no limit. Loader settings: ``num_workers`` decoding processes,
     ``pin_memory`` (page-locked batches for faster copies to a CUDA device; ignored without one),
     ``persistent_workers`` (keep the workers between epochs and validations instead of restarting them),
-    ``prefetch_factor`` (batches each worker prepares ahead; null: torch's 2). ``max_bad_fraction``: training
-    stops, naming the folder and the count, as soon as more than this share of an epoch's training images were
-    unusable (a wrong folder or a broken copy, not a few bad files); evaluation reports its skipped images.
+    ``prefetch_factor`` (batches each worker prepares ahead; null: torch's 2). ``augment``: the training images
+    get TAME's random crop and flip (true) or the evaluation's centre crop (false: every epoch sees the same
+    pixels). ``max_bad_fraction``: training stops, naming the folder and the count, as soon as more than this
+    share of an epoch's training images were unusable (a wrong folder or a broken copy, not a few bad files);
+    evaluation reports its skipped images.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
+        augment: bool = True,
         num_shards: int = 1,
         shard: int = 0,
         max_image_pixels: int | None = PIXEL_LIMIT,
@@ -228,7 +231,8 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         size = (self.hparams.resize_size, self.hparams.crop_size)
         if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = self._dataset("train", train_transform(*size))
+            transform = train_transform(*size) if self.hparams.augment else eval_transform(*size)
+            self.train_dataset = self._dataset("train", transform)
             if self.train_dataset is None:
                 raise ValueError("training needs data.train_root (a folder of images)")
         if self.eval_dataset is None:
