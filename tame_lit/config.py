@@ -147,7 +147,10 @@ def finishing(loggers: Sequence[Any]) -> Iterator[None]:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
             for key, value in launcher.items():
-                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def print_config(cfg: DictConfig, keys: tuple[str, ...] = ("backbone", "head", "data", "loss", "optimizer",

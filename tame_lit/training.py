@@ -205,18 +205,16 @@ class HeadTrainingModule(L.LightningModule):
             sync_dist=True,
         )
         if images.shape[0] == 0:
-            if self.trainer.world_size > 1:
-                # DDP all-reduces the gradients in backward: a process with no loss would leave the others
-                # waiting, so it contributes a zero loss on the head's parameters instead (and, with synced
-                # statistics, takes its part in their all-reduces with a batch of no image)
-                if self._synced():  # the head's graph as on the others, so their backward collectives pair
-                    idle = self._empty_head_pass(batch["labels"]) * 0.0
-                else:
-                    idle = sum(p.sum() for p in self.head.parameters() if p.requires_grad) * 0.0
-                self._stop_unless_finite({}, "the training loss", agree=True)  # pairs with the others' check
-                return idle
-            self._stop_unless_finite({}, "the training loss", agree=True)
-            return None
+            # DDP all-reduces the gradients in backward: a process with no loss would leave the others waiting,
+            # so it contributes a zero loss on the head's parameters instead (and, with synced statistics, takes
+            # its part in their all-reduces with a batch of no image: the head's graph as on the others)
+            idle = None
+            if self._synced():
+                idle = self._empty_head_pass(batch["labels"]) * 0.0
+            elif self.trainer.world_size > 1:
+                idle = sum(p.sum() for p in self.head.parameters() if p.requires_grad) * 0.0
+            self._stop_unless_finite({}, "the training loss", agree=True)  # pairs with the others' check
+            return idle
         self._batches_with_images += 1
         with torch.no_grad():
             logits, features = self.backbone.features(images, self.head.layers)

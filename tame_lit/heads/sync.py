@@ -65,14 +65,15 @@ def synchronise_batch_norm(module: nn.Module) -> nn.Module:
     """``module`` with each ``BatchNorm2d`` replaced by a ``CrossProcessBatchNorm2d`` holding the same parameters
     and buffers (same state-dict keys: checkpoints and exports are unchanged)."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CrossProcessBatchNorm2d):
+        state = next(iter(module.state_dict().values()), None)  # none: neither affine nor tracking statistics
         synced = CrossProcessBatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            device=None if state is None else state.device,
+        )  # fmt: skip
         synced.load_state_dict(module.state_dict())
         if module.affine:  # the same Parameter objects: an optimiser built before keeps working
             synced.weight, synced.bias = module.weight, module.bias
-        synced.train(module.training)
-        return synced.to(next(iter(module.state_dict().values())).device)
+        return synced.train(module.training)
     for name, child in module.named_children():
         replaced = synchronise_batch_norm(child)
         if replaced is not child:
