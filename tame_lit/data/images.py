@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from tame_lit.data.imagenet import BoxSource, visible_boxes
@@ -64,29 +66,39 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None, max_pixels:
         return image.convert("RGB")
 
 
-def train_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
+def resize_stage(resize_size: int = 256) -> v2.Compose:
+    """The first stage of every transform: the decoded image as a uint8 tensor, its shorter side at
+    ``resize_size``. ``data.image_cache`` stores its output, so a cached image gets only the second stage."""
+    return v2.Compose([v2.ToImage(), v2.Resize(resize_size, antialias=True)])
+
+
+class ImageTransform(v2.Compose):
+    """``resize_stage`` then ``crop_stage``: a transform whose first stage can be cached (``data.image_cache``)."""
+
+    def __init__(self, resize_size: int, crop_stage: v2.Transform) -> None:
+        super().__init__([resize_stage(resize_size), crop_stage])
+        self.resize_size = resize_size
+
+    @property
+    def crop_stage(self) -> v2.Transform:
+        return self.transforms[1]
+
+
+def train_transform(resize_size: int = 256, crop_size: int = 224) -> ImageTransform:
     """TAME's training transform: Resize(256), RandomCrop(224), RandomHorizontalFlip, to [0, 1]."""
-    return v2.Compose(
+    crop = v2.Compose(
         [
-            v2.ToImage(),
-            v2.Resize(resize_size, antialias=True),
             v2.RandomCrop(crop_size, pad_if_needed=True),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),
         ]
     )
+    return ImageTransform(resize_size, crop)
 
 
-def eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
+def eval_transform(resize_size: int = 256, crop_size: int = 224) -> ImageTransform:
     """TAME's evaluation transform: Resize(256), CenterCrop(224), to [0, 1]."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(resize_size, antialias=True),
-            v2.CenterCrop(crop_size),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
+    return ImageTransform(resize_size, v2.Compose([v2.CenterCrop(crop_size), v2.ToDtype(torch.float32, scale=True)]))
 
 
 class ImageDataset(Dataset):
@@ -97,6 +109,8 @@ class ImageDataset(Dataset):
     ``BoxSource``): the image's bounding boxes ``[n, 5]`` (class, x0, y0, x1, y1), moved by the same
     resize and crop as the image. ``index`` is the sample's position, or with ``indices`` (one per sample)
     the index it has in a larger list (a shard's images keep their indices in the whole evaluated set).
+    ``decoded``: the same images already through ``transform``'s resize stage (``data.image_cache``: uint8
+    tensors, or the error of an unusable image), so only its crop stage runs; not with ``boxes``.
     """
 
     def __init__(
@@ -107,8 +121,15 @@ class ImageDataset(Dataset):
         boxes: BoxSource | None = None,
         indices: Sequence[int] | None = None,
         max_pixels: int | None = PIXEL_LIMIT,
+        decoded: Sequence[Tensor | str] | None = None,
     ) -> None:
         self.samples = list(samples)
+        if decoded is not None:
+            if boxes is not None or not isinstance(transform, ImageTransform):
+                raise ValueError("pre-decoded images need an ImageTransform (its crop stage is applied) and no boxes")
+            if len(decoded) != len(self.samples):
+                raise ValueError(f"{len(decoded)} pre-decoded images for {len(self.samples)} samples")
+        self.decoded = decoded
         self.max_pixels = max_pixels
         if indices is not None and len(indices) != len(self.samples):
             raise ValueError(f"{len(indices)} indices for {len(self.samples)} samples: give one index per sample")
@@ -124,6 +145,14 @@ class ImageDataset(Dataset):
         path, label = self.samples[index]
         reported = index if self.indices is None else self.indices[index]
         # any failure of one image (a bomb, a broken file, a transform error) is named and counted, never fatal
+        if self.decoded is not None:
+            pixels = self.decoded[index]
+            if isinstance(pixels, str):
+                return _skip(path, pixels)
+            try:
+                return self.transform.crop_stage(tv_tensors.Image(pixels)), label, reported
+            except Exception as error:
+                return _skip(path, error)
         try:
             image = load_rgb(path, self.draft_size, self.max_pixels)
         except Exception as error:
@@ -139,10 +168,9 @@ class ImageDataset(Dataset):
         return tensor, label, reported, visible_boxes(classes, moved)
 
 
-def _skip(path: str, error: Exception) -> None:
-    warnings.warn(
-        f"skipping unreadable image {path}: {type(error).__name__}: {error}", UnreadableImageWarning, stacklevel=3
-    )
+def _skip(path: str, error: Exception | str) -> None:
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    warnings.warn(f"skipping unreadable image {path}: {reason}", UnreadableImageWarning, stacklevel=3)
 
 
 def collate(items: Sequence[tuple | None]) -> dict[str, object]:
