@@ -340,6 +340,8 @@ class TrainConfig(TaskConfig):
     val_keep: list[float] = dataclasses.field(default_factory=lambda: list(_MODULE_OPTIONS["val_keep"].default))
     # under DDP: the head's batch norms and the batch's label set over all processes (= one process, batch B)
     sync_statistics: bool = _MODULE_OPTIONS["sync_statistics"].default
+    # a folder for each training image's clean pass (features, top-1), read by later epochs (data.augment=false)
+    clean_pass_cache: str | None = _MODULE_OPTIONS["clean_pass_cache"].default
     loss: MaskingLoss = dataclasses.field(default_factory=MaskingLoss)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     head: Any = MISSING

@@ -22,9 +22,11 @@ from torch.optim.lr_scheduler import OneCycleLR
 from tame_lit import __version__, backbones, checkpoints, heads
 from tame_lit.acceleration import Acceleration, accelerate
 from tame_lit.checkpoints import IncompatibleCheckpointError
+from tame_lit.clean_pass import CleanPassCache, weights_digest
 from tame_lit.features import preserved_state
 from tame_lit.heads import head_maps, select_classes
 from tame_lit.heads.sync import distributed, synchronise_batch_norm
+from tame_lit.io import output_folder_problem
 from tame_lit.losses import MaskingLoss
 from tame_lit.maps import normalize, upsample
 from tame_lit.metrics import AverageDropIncrease, ScoredBatch
@@ -83,7 +85,10 @@ class HeadTrainingModule(L.LightningModule):
     batch B / N train the head one process with batch B trains; false: each process's own (the original
     TAME code's per-GPU batch norm), saving two small all-reduces per batch norm and one per step.
     ``acceleration``: ``tame_lit.acceleration.Acceleration`` (compile, channels-last), applied to the backbone
-    and the head at set-up; results are unchanged up to rounding.
+    and the head at set-up; results are unchanged up to rounding. ``clean_pass_cache``: a folder where the clean
+    pass of each training image (its features at the head's layers, float16, and its top-1 class) is kept after
+    its first step, so that later epochs and runs on the same images skip that forward pass
+    (``tame_lit.clean_pass``; needs ``data.augment=false``); null: recompute it every step.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class HeadTrainingModule(L.LightningModule):
         val_keep: Sequence[float] = (1.0, 0.5, 0.15),
         sync_statistics: bool = True,
         acceleration: Mapping[str, Any] | None = None,
+        clean_pass_cache: str | None = None,
     ) -> None:
         super().__init__()
         self._batches_with_images = 0  # this epoch's, for the nothing-to-learn check
@@ -117,6 +123,8 @@ class HeadTrainingModule(L.LightningModule):
         self.sync_statistics = bool(sync_statistics)
         self.acceleration = Acceleration(**(acceleration or {}))
         self._accelerated = False
+        self.clean_pass_cache = clean_pass_cache
+        self._clean_passes: CleanPassCache | None = None  # opened at set-up, when the training images are known
         self.save_hyperparameters(
             {
                 "backbone": backbone_cfg,
@@ -127,6 +135,7 @@ class HeadTrainingModule(L.LightningModule):
                 "val_keep": list(self.val_keep),
                 "sync_statistics": self.sync_statistics,
                 "acceleration": asdict(self.acceleration),
+                "clean_pass_cache": clean_pass_cache,
             }
         )
         self.val_ad_ic = AverageDropIncrease(keep=self.val_keep)
@@ -139,9 +148,41 @@ class HeadTrainingModule(L.LightningModule):
             check(self.backbone.num_classes)
         if stage == "fit" and self.sync_statistics and distributed():
             synchronise_batch_norm(self.head)
+        if stage == "fit" and self.clean_pass_cache is not None and self._clean_passes is None:
+            self._clean_passes = self._open_clean_pass_cache()
         if not self._accelerated:  # after the batch norms are swapped: compiling traces the modules in use
             accelerate(self.acceleration, self.backbone, self.head)
             self._accelerated = True
+
+    def _open_clean_pass_cache(self) -> CleanPassCache:
+        """Checked at set-up, before any step (not when a checkpoint is loaded elsewhere to explain)."""
+        problem = output_folder_problem(self.clean_pass_cache)
+        if problem:
+            raise ValueError(f"clean_pass_cache={self.clean_pass_cache}: {problem}; give a writable folder, or null")
+        images = getattr(self.trainer.datamodule, "train_images_key", None)
+        if not callable(images):
+            raise ValueError(
+                f"clean_pass_cache needs to know the training images: {type(self.trainer.datamodule).__name__} has "
+                "no train_images_key() (tame_lit.data.ImageDataModule has); use clean_pass_cache=null"
+            )
+        images_key, count = images()
+        weights = weights_digest(self.backbone)
+        return CleanPassCache(self.clean_pass_cache, self.backbone.name, weights, self.head.layers, images_key, count)
+
+    def clean_pass(self, images: Tensor, indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The backbone's top-1 class and the head's layers' features of the clean images: from
+        ``clean_pass_cache`` when it holds every image of the batch, else computed (and stored there)."""
+        if self._clean_passes is not None:
+            cached = self._clean_passes.read(indices, images.device)
+            if cached is not None:
+                features, top1 = cached
+                return top1, features
+        with torch.no_grad():
+            logits, features = self.backbone.features(images, self.head.layers)
+        top1 = logits.argmax(dim=1)
+        if self._clean_passes is not None:
+            features = self._clean_passes.write(indices, features, top1)
+        return top1, features
 
     def _synced(self) -> bool:
         """Whether this training step's head statistics are taken over all processes."""
@@ -161,9 +202,9 @@ class HeadTrainingModule(L.LightningModule):
         batch_columns = torch.repeat_interleave(torch.arange(len(classes), device=labels.device), counts[classes])
         return classes, torch.searchsorted(classes, labels), batch_columns
 
-    def _labels(self, logits: Tensor, dataset_labels: Tensor) -> Tensor:
+    def _labels(self, top1: Tensor, dataset_labels: Tensor) -> Tensor:
         if self.labels == "model":
-            return logits.argmax(dim=1)
+            return top1
         if (dataset_labels < 0).any():
             raise ValueError("labels='ground_truth' needs labelled images; this batch has images without a label")
         return dataset_labels
@@ -216,15 +257,14 @@ class HeadTrainingModule(L.LightningModule):
             self._stop_unless_finite({}, "the training loss", agree=True)  # pairs with the others' check
             return idle
         self._batches_with_images += 1
-        with torch.no_grad():
-            logits, features = self.backbone.features(images, self.head.layers)
-        labels = self._labels(logits, batch["labels"])
+        top1, features = self.clean_pass(images, batch["indices"])
+        labels = self._labels(top1, batch["labels"])
         terms, masked_logits = self.masking_pass(images, features, labels)
         self._stop_unless_finite(terms, "the training loss", agree=True)
         batch_size = images.shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
-        agreement = (masked_logits.argmax(dim=1) == logits.argmax(dim=1)).float().mean()
+        agreement = (masked_logits.argmax(dim=1) == top1).float().mean()
         self.log("train/masked_agreement", agreement, batch_size=batch_size)
         for layer, gamma in getattr(self.head, "gammas", dict)().items():  # SA-CAM: attention mixed in
             self.log(f"train/gamma/{layer}", gamma, batch_size=batch_size)
@@ -296,9 +336,9 @@ class HeadTrainingModule(L.LightningModule):
         if images.shape[0] == 0:
             return
         logits, features = self.backbone.features(images, self.head.layers)
-        labels = self._labels(logits, batch["labels"])
-        terms, masked_logits = self.masking_pass(images, features, labels)
         predicted = logits.argmax(dim=1)
+        labels = self._labels(predicted, batch["labels"])
+        terms, masked_logits = self.masking_pass(images, features, labels)
         batch_size = images.shape[0]
         self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch_size)
         agreement = (masked_logits.argmax(dim=1) == predicted).float().mean()

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"heads", "metrics", "data"},
     {"explainers"},
     {"checkpoints", "export", "loading"},
-    {"training", "evaluation", "callbacks", "losses", "report", "merge", "config"},
+    {"training", "clean_pass", "evaluation", "callbacks", "losses", "report", "merge", "config"},
     {"cli", "train", "evaluate", "explain"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -30,14 +30,14 @@ from tame_lit.data.images import load_rgb, resize_stage
 from tame_lit.data.sources import Sample
 from tame_lit.io import atomic_path
 
-__all__ = ["DecodedImages", "build_decoded_images", "decoded_images_key", "open_decoded_images"]
+__all__ = ["DecodedImages", "build_decoded_images", "images_key", "open_decoded_images"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
 
-def decoded_images_key(samples: Sequence[Sample], resize_size: int, max_pixels: int | None) -> str:
+def images_key(samples: Sequence[Sample], resize_size: int, max_pixels: int | None) -> str:
     """The cache key of these images decoded at this resize: changes when any file, the list or a setting does."""
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, resize_size, max_pixels]).encode())
     for path, _ in samples:
@@ -105,7 +105,7 @@ def build_decoded_images(
 ) -> Path:
     """Decode and resize every image of ``samples`` into the cache ``folder`` (``num_workers`` processes);
     returns the index's path. Written under temporary names, moved into place when whole."""
-    key = decoded_images_key(samples, resize_size, max_pixels)
+    key = images_key(samples, resize_size, max_pixels)
     pixels_path, index_path = _files(folder, key)
     started = time.perf_counter()
     loader = DataLoader(
@@ -148,7 +148,7 @@ def open_decoded_images(
 ) -> DecodedImages | None:
     """The cache of exactly these images and settings in ``folder``, or None when it is not there (or was left
     half-written: its pixel file is not the size its index says)."""
-    pixels_path, index_path = _files(folder, decoded_images_key(samples, resize_size, max_pixels))
+    pixels_path, index_path = _files(folder, images_key(samples, resize_size, max_pixels))
     if not (index_path.is_file() and pixels_path.is_file()):
         return None
     with np.load(index_path, allow_pickle=False) as index:

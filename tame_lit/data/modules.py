@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from tame_lit.data.cache import DecodedImages, build_decoded_images, open_decoded_images
+from tame_lit.data.cache import DecodedImages, build_decoded_images, images_key, open_decoded_images
 from tame_lit.data.imagenet import BoxSource
 from tame_lit.data.images import PIXEL_LIMIT, ImageDataset, collate, eval_transform, train_transform
 from tame_lit.data.sampler import EvenlySplitSampler, ResumableLoader, SeededItems, ShuffledSampler
@@ -126,6 +126,7 @@ class ImageDataModule(L.LightningDataModule):
         self.class_names: list[str] | None = None
         self.eval_labels: list[int] = []  # the labels of every evaluated image, in order (all shards)
         self._unusable = (-1, 0, 0)  # (epoch, unusable training images, usable ones) seen by this process
+        self._train_samples: list[Sample] | None = None  # the training images, in dataset order
         self._train_classes: list[str] | None = None  # the training folder's class folders (not from a list file)
         self._train_loader: ResumableLoader | None = None
         self._resume_at: dict[str, int] | None = None  # a resumed checkpoint's training position
@@ -145,6 +146,21 @@ class ImageDataModule(L.LightningDataModule):
             "Name the folders by WordNet id (n01440764), give a list file of the model's class indices "
             "(data.train_list), or use labels=model"
         )
+
+    def train_images_key(self) -> tuple[str, int]:
+        """What identifies the training images as a model sees them (the files, their list, resize, crop and
+        pixel limit) and how many there are: the key of ``clean_pass_cache``, which holds only when every epoch
+        sees the same pixels."""
+        if self.hparams.augment:
+            raise ValueError(
+                "clean_pass_cache stores each training image's clean pass once, so every epoch must see the same "
+                "pixels: set data.augment=false (the centre crop, no random crop or flip), or clean_pass_cache=null"
+            )
+        if self._train_samples is None:
+            self.setup("fit")
+        settings = self.hparams.resize_size, self.hparams.max_image_pixels
+        images = images_key(self._train_samples, *settings)
+        return f"{images}-crop{self.hparams.crop_size}-centre", len(self._train_samples)
 
     def source(self, split: str) -> str:
         """Where the ``train`` or ``eval`` images come from (a folder or list file), for messages."""
@@ -224,6 +240,7 @@ class ImageDataModule(L.LightningDataModule):
         if limit is not None:
             samples = samples[: _at_least_one(limit, f"data.{prefix}limit")]
         if split != "eval":
+            self._train_samples = samples
             return ImageDataset(
                 samples,
                 transform,
