@@ -4,9 +4,10 @@ Compute only, on one preloaded batch: ``inference`` is ``backbone(x)`` under ``i
 training step is a clean forward, the head, the masked forward, the backward to the input and the SGD
 step. ``(all classes)`` computes all class maps and selects afterwards (the naive way); the plain head row
 computes only the maps of the batch's labels (what ``HeadTrainingModule`` does; same loss); ``explain`` is
-``HeadExplainer`` (one forward, the head, the top-1 map). Data loading (JPEG decode + resize + crop in worker
-processes) is measured separately. Each configuration runs in a fresh process so that its peak memory
-(CUDA: max allocated; CPU: peak RSS) is its own.
+``HeadExplainer`` (one forward, the head, the top-1 map); ``clean pass cached`` is a step whose clean pass
+comes from ``clean_pass_cache`` (the head, the masked forward, the backward). Data loading (JPEG decode +
+resize + crop in worker processes) is measured separately; whole epochs with it: ``epoch_time.py``. Each
+configuration runs in a fresh process so that its peak memory (CUDA: max allocated; CPU: peak RSS) is its own.
 
     python benchmarks/train_throughput.py [--device cuda] [--batch 16] [--steps 10] [--heads tame sacam best]
         [--precision bf16-mixed] [--compile] [--channels-last]
@@ -89,7 +90,18 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
         with torch.inference_mode():
             module.backbone(images)
 
+    with torch.no_grad(), autocast():  # clean_pass_cache: the clean pass as read back (float16 values)
+        clean_logits, clean_features = module.backbone.features(images, module.head.layers)
+    stored = {layer: value.half().float() for layer, value in clean_features.items()}, clean_logits.argmax(dim=1)
+
     def tame_step() -> None:
+        if variant == "cached":
+            features, labels = stored
+            terms, _ = module.masking_pass(images, features, labels)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            return
         with torch.no_grad():
             logits, features = module.backbone.features(images, module.head.layers)
         labels = logits.argmax(dim=1)
@@ -176,7 +188,8 @@ def main() -> None:
         results = {}
         modes = ["inference"]
         for head in args.heads:
-            modes += [f"{head}:all", head, f"{head}:explain"] if head == "tame" else [head, f"{head}:explain"]
+            extra = [f"{head}:all"] if head == "tame" else []
+            modes += [*extra, head, f"{head}:cached", f"{head}:explain"]
         for mode in modes:
             command = [sys.executable, __file__, "--one", name, mode, "--device", args.device, "--batch",
                        str(args.batch), "--size", str(args.size), "--steps", str(args.steps), *flags]  # fmt: skip
@@ -185,7 +198,8 @@ def main() -> None:
         base = results["inference"]["images_per_s"]
         for mode in modes:
             head, _, variant = mode.partition(":")
-            label = {"all": f"{head} step (all classes)", "explain": f"{head} explain", "": f"{head} step"}[variant]
+            label = {"all": f"{head} step (all classes)", "explain": f"{head} explain", "": f"{head} step",
+                     "cached": f"{head} step, clean pass cached"}[variant]  # fmt: skip
             rate = results[mode]["images_per_s"]
             rows.append((name, "inference forward" if mode == "inference" else label, rate, rate / base,
                          results[mode]["peak_mib"]))  # fmt: skip

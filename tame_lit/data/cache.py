@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +53,20 @@ def _files(folder: str | os.PathLike, key: str) -> tuple[Path, Path]:
     return folder / f"images-{key}.u8", folder / f"images-{key}.npz"
 
 
-@dataclass(frozen=True)
 class DecodedImages:
-    """A built cache, memory-mapped: ``images[i]`` is image ``i`` as a uint8 ``[3, H, W]`` tensor (its shorter
-    side resized as ``data.resize_size`` says), or the error message of an image that could not be used."""
+    """A built cache: ``images[i]`` is image ``i`` as a uint8 ``[3, H, W]`` tensor (its shorter side resized as
+    ``data.resize_size`` says), or the error message of an image that could not be used. The pixel file is mapped
+    on first use in each process, so that loader workers receive its path, never a copy of its contents."""
 
-    pixels: np.ndarray  # flat uint8 memmap
-    offsets: np.ndarray  # int64 [N + 1]
-    shapes: np.ndarray  # int64 [N, 3]
-    errors: dict[int, str]
-    resize_size: int
+    def __init__(self, pixels_path: Path, offsets: np.ndarray, shapes: np.ndarray, errors: dict[int, str]) -> None:
+        self.pixels_path = pixels_path
+        self.offsets = offsets  # int64 [N + 1]
+        self.shapes = shapes  # int64 [N, 3]
+        self.errors = errors
+        self._pixels: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -71,9 +74,11 @@ class DecodedImages:
     def __getitem__(self, index: int) -> Tensor | str:
         if index in self.errors:
             return self.errors[index]
+        if self._pixels is None:
+            self._pixels = np.memmap(self.pixels_path, dtype=np.uint8, mode="r")
         start, end = self.offsets[index], self.offsets[index + 1]
-        # a copy: the memmap is read-only and tensors made from it must be writable for the transforms
-        return torch.from_numpy(np.array(self.pixels[start:end]).reshape(self.shapes[index]))
+        # a copy: the map is read-only and tensors made from it must be writable for the transforms
+        return torch.from_numpy(np.array(self._pixels[start:end]).reshape(self.shapes[index]))
 
 
 class _Decoder(Dataset):
@@ -156,5 +161,4 @@ def open_decoded_images(
         errors = dict(zip(index["error_indices"].tolist(), index["error_texts"].tolist(), strict=True))
     if len(shapes) != len(samples) or pixels_path.stat().st_size != offsets[-1]:
         return None
-    pixels = np.memmap(pixels_path, dtype=np.uint8, mode="r") if offsets[-1] else np.zeros(0, np.uint8)
-    return DecodedImages(pixels, offsets, shapes, errors, resize_size)
+    return DecodedImages(pixels_path, offsets, shapes, errors)
