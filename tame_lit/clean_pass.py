@@ -21,13 +21,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from tame_lit.io import create_beside
 
 __all__ = ["CleanPassCache", "weights_digest"]
 
@@ -89,7 +90,7 @@ class CleanPassCache:
         """Make the folder with room for every image (sparse files of zeros), aside then renamed; when another
         process made it first, use theirs."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        aside = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}."))
+        aside = create_beside(self.folder, directory=True)
         try:
             for i, layer in enumerate(self.layers):
                 shape = (self.count, *features[layer].shape[1:])

@@ -6,12 +6,29 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "output_folder_problem", "strict_json", "write_json"]
+__all__ = ["atomic_path", "create_beside", "output_folder_problem", "strict_json", "write_json"]
+
+
+def create_beside(target: Path, directory: bool = False) -> Path:
+    """Create a new, uniquely named hidden file (or folder) beside ``target``, with the permissions a plain
+    ``open`` (``mkdir``) gives under the umask: ``tempfile``'s are private to their owner, which outputs that
+    replace ``target`` must not be."""
+    for _ in range(100):
+        candidate = target.with_name(f".{target.name}.{secrets.token_hex(6)}{'' if directory else target.suffix}")
+        try:
+            if directory:
+                candidate.mkdir(mode=0o777)
+            else:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
 
 
 @contextlib.contextmanager
@@ -19,8 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(handle)
+    temporary = create_beside(target)
     try:
         yield Path(temporary)
         os.replace(temporary, target)

@@ -104,6 +104,22 @@ def test_a_failed_checkpoint_save_keeps_the_previous_file_and_leaves_no_temporar
     assert not stale.exists() and torch.load(path, weights_only=True) == {"global_step": 3}
 
 
+def test_atomically_written_files_get_the_permissions_a_plain_write_would(tmp_path):
+    import os
+
+    from tame_lit.io import write_json
+
+    previous = os.umask(0o027)  # group may read, others nothing
+    try:
+        write_json(tmp_path / "metrics.json", {"a": 1})  # mkstemp alone would leave 0o600: private to the owner
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes == {"metrics.json": 0o640, "last.ckpt": 0o640, "plain": 0o640}
+
+
 class SignalSelf(L.Callback):
     """Send ``signal_name`` to this process during step ``step`` (a scheduler's pre-emption notice)."""
 
