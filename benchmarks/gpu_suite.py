@@ -1,6 +1,7 @@
 """The GPU figures of the README in one command: training and explaining throughput of VGG-16, ResNet-50 and
-EfficientNet-Lite0 at batch 32 and 64 in bf16, eager and compiled (with channels-last), their peak memory and
-one ImageNet epoch extrapolated, then every explainer's throughput and the evaluation's per-explainer cost.
+EfficientNet-Lite0 at batch 32 and 64 in bf16, eager and compiled (with channels-last), each step uncached and
+with its clean pass cached (``clean_pass_cache``), their peak memory and one ImageNet epoch extrapolated, then
+every explainer's throughput and the evaluation's per-explainer cost.
 
 Each part is one of the other benchmark scripts, run in a fresh process; their tables are printed as they
 come and collected into ``--out`` (markdown). Nothing is downloaded: backbones other than Lite0 have random

@@ -49,6 +49,15 @@ class SlowSteps(L.Callback):
         time.sleep(self.seconds)
 
 
+def free_port() -> int:
+    """A TCP port free now on this machine, for a process group's rendezvous (port 0 would make torchrun wait)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_cli(
     args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None, script: str = "train.py"
 ) -> subprocess.CompletedProcess:

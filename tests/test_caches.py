@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -52,6 +53,10 @@ def test_cached_images_equal_decoded_ones_crop_for_crop_and_keep_unreadable_ones
                 continue
             assert got[0].dtype == torch.float32 and torch.equal(got[0], expected[0]), (index, seed)
             assert got[1:] == expected[1:]
+    # loader workers get the cache's path, not its pixels, and map the file themselves
+    copy = pickle.loads(pickle.dumps(decoded))
+    assert decoded._pixels is not None and copy._pixels is None and len(pickle.dumps(decoded)) < 1000
+    assert torch.equal(copy[0], decoded[0])
 
 
 def test_a_changed_image_or_setting_gets_a_new_cache_and_a_half_written_one_is_not_read(tmp_path):

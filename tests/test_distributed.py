@@ -4,8 +4,8 @@ the same order, every validation image counted once (CPU, gloo)."""
 from __future__ import annotations
 
 import os
-import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,13 +16,7 @@ from torch import nn
 from tame_lit.data.sampler import ShuffledSampler
 from tame_lit.data.sources import folder_samples
 from tame_lit.heads.sync import CrossProcessBatchNorm2d, synchronise_batch_norm
-from tests.helpers import TINY_OVERRIDES, read_csv_metrics, run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import TINY_OVERRIDES, free_port, read_csv_metrics, run_cli
 
 
 def _batch_norm_worker(rank: int, port: int, inputs: torch.Tensor, grad: torch.Tensor, results: dict) -> None:
@@ -62,7 +56,7 @@ def test_cross_process_batch_norm_equals_one_process_batch_norm():
     (out * grad).sum().backward()
 
     results = mp.Manager().dict()
-    mp.spawn(_batch_norm_worker, args=(_free_port(), inputs, grad, results), nprocs=2)
+    mp.spawn(_batch_norm_worker, args=(free_port(), inputs, grad, results), nprocs=2)
     together = {key: torch.cat([results[0][key], results[1][key]]) for key in ("out", "x_grad")}
     torch.testing.assert_close(together["out"], out.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(together["x_grad"], x.grad, rtol=1e-5, atol=1e-5)
@@ -154,3 +148,35 @@ def test_a_process_whose_whole_batch_is_unreadable_still_takes_part_in_the_synce
     head = _trained_head(tmp_path / "run")
     assert all(torch.isfinite(value).all() for value in head.values())
     assert int(head["head.branches.0.bn.num_batches_tracked"]) == 3  # all three steps normalised a batch
+
+
+def test_two_processes_fill_one_clean_pass_cache_with_every_image(tmp_path):
+    """Under DDP both processes create the cache folder at their first step (one wins, the other uses it) and
+    write their own images' rows: after an epoch there is one folder and every image's clean pass is in it,
+    equal to one process's."""
+    from safetensors.torch import save_file
+
+    from tame_lit import backbones
+    from tame_lit.data import EmbeddedDataModule
+    from tests.helpers import TINY_BACKBONE
+
+    torch.manual_seed(0)
+    weights = tmp_path / "test_resnet.safetensors"  # one backbone in both processes (random init is per process)
+    save_file(backbones.create(**TINY_BACKBONE).model.state_dict(), str(weights))
+    args = [*TINY_OVERRIDES, f"backbone.weights={weights}", "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2", "trainer.precision=32-true", "trainer.max_epochs=2", "data.batch_size=4",
+            "data.repeats=1", "data.augment=false", f"clean_pass_cache={tmp_path / 'cache'}", "export=false",
+            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = (tmp_path / "cache").glob("clean-pass-*")
+    data = EmbeddedDataModule(resize_size=72, crop_size=64, num_workers=0, augment=False, repeats=1)
+    data.setup("fit")
+    images = torch.stack([data.train_dataset[i][0] for i in range(len(data.train_dataset))])
+    backbone = backbones.create(**(TINY_BACKBONE | {"weights": str(weights)}))
+    with torch.no_grad():
+        logits, features = backbone.features(images, backbone.default_layers)
+    assert np.load(folder / "stored.npy").tolist() == [1] * len(images)
+    assert np.load(folder / "top1.npy").tolist() == logits.argmax(dim=1).tolist()
+    deepest = torch.from_numpy(np.load(folder / f"layer{len(backbone.default_layers) - 1}.npy")).float()
+    torch.testing.assert_close(deepest, features[backbone.default_layers[-1]].half().float(), atol=2e-3, rtol=2e-3)

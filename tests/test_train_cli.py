@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, TINY_OVERRIDES, run_cli
+from tests.helpers import ROOT, TINY_OVERRIDES, free_port, run_cli
 
 
 def only_run(root: Path) -> Path:
@@ -88,13 +88,10 @@ def test_a_ddp_sweep_runs_each_job_once_with_its_processes_in_its_folder(tmp_pat
 def test_torchrun_processes_share_the_run_folder_given(tmp_path):
     """The README's multi-node command on one node: torchrun starts both processes (Lightning launches none),
     and with ``hydra.run.dir`` given, both write into that one folder."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:  # torchrun's static rendezvous needs a real port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # torchrun's static rendezvous needs a real port
     run_dir = tmp_path / "run"
     args = [*TINY_OVERRIDES, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
             "trainer.max_steps=2", f"hydra.run.dir={run_dir}"]  # fmt: skip
