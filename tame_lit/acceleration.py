@@ -23,11 +23,15 @@ class Acceleration:
     ``compile_options``: ``torch.compile``'s keywords (``mode``, ``backend``, ``dynamic``, ``fullgraph``,
     ``options``). ``channels_last``: the modules' 4-D parameters in channels-last memory format (NHWC), the fast
     layout of convolutions under mixed precision on recent GPUs; a convolution with channels-last weights
-    returns channels-last activations, so the layout spreads from the first layer without converting images."""
+    returns channels-last activations, so the layout spreads from the first layer without converting images.
+    ``fold_batch_norm``: training's masked passes, which need the backbone's logits only, run a copy of it whose
+    batch norms are folded into the convolutions before them (``Backbone.folded``; ``accelerate`` leaves it to
+    the training module, the only user)."""
 
     compile: bool = False
     channels_last: bool = False
     compile_options: dict[str, Any] = field(default_factory=dict)
+    fold_batch_norm: bool = True
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.compile_options) - set(COMPILE_KEYS))

@@ -6,20 +6,23 @@ its normalisation. ``create(name, weights=...)`` builds one; every parameter has
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import urllib.error
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from tame_lit.features import capture, check_layers, preserved_state, stage_outputs
 from tame_lit.registry import Registry
 
-__all__ = ["ARCHITECTURES", "Backbone", "available", "create", "load_weights_file"]
+__all__ = ["ARCHITECTURES", "Backbone", "available", "create", "fold_batch_norms", "load_weights_file"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -170,8 +173,86 @@ class Backbone(nn.Module):
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
+    def folded(self) -> Backbone | None:
+        """A copy whose convolutions absorb the batch norms that follow them (``fold_batch_norms``): the same
+        logits up to rounding, one operation and its backward fewer per batch norm. For passes that need the
+        logits only (the training's masked passes): the folded layers' outputs are not the original's. None
+        when nothing folds, when the batch norms use batch statistics (``train_mode``), or when a check on
+        random images finds other logits (a convolution whose output is also used elsewhere)."""
+        if self.train_mode:
+            return None
+        twin = copy.deepcopy(self).eval()
+        probe = torch.rand(2, 3, *self.input_size, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(self.mean.device, self.mean.dtype)
+        if fold_batch_norms(twin.model, probe) == 0:
+            return None
+        with preserved_state(self), torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
+            self.eval()
+            expected, got = self(probe), twin(probe)
+        error = (expected - got).abs().max().item()
+        if not error <= 1e-3 * max(1.0, expected.abs().max().item()):
+            warnings.warn(
+                f"{self.name}: folding its batch norms into their convolutions changes the logits by {error:.3g}; "
+                "its masked passes keep the batch norms",
+                stacklevel=2,
+            )
+            return None
+        return twin
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weights={self.weights_source!r}, train_mode={self.train_mode}"
+
+
+def fold_batch_norms(model: nn.Module, probe: Tensor) -> int:
+    """Fold, in place, each batch norm whose input is a convolution's output into that convolution
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``); returns how many. Eval-mode statistics only.
+
+    The pairs are read off one forward pass of ``probe``: a ``BatchNorm2d`` (or timm's ``BatchNormAct2d``,
+    whose dropout and activation stay) whose input is the very tensor a ``Conv2d`` returned, each module
+    called once. Whether the convolution's output has other users cannot be seen this way:
+    ``Backbone.folded`` checks the logits."""
+    from timm.layers import BatchNormAct2d
+
+    conv_outputs: dict[int, tuple[str, Tensor]] = {}
+    calls: dict[str, int] = {}
+    pairs: dict[str, str] = {}
+
+    def after_conv(name: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            conv_outputs[id(output)] = (name, output)  # the tensor is kept, so its id is not reused
+
+        return hook
+
+    def before_norm(name: str):
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            source = conv_outputs.get(id(inputs[0]))
+            if source is not None and source[1] is inputs[0]:
+                pairs[name] = source[0]
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d):
+                handles.append(module.register_forward_hook(after_conv(name)))
+            elif type(module) in (nn.BatchNorm2d, BatchNormAct2d) and module.track_running_stats:
+                handles.append(module.register_forward_pre_hook(before_norm(name)))
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    pairs = {norm: conv for norm, conv in pairs.items() if calls[norm] == 1 and calls[conv] == 1}
+    for norm_name, conv_name in pairs.items():
+        norm = model.get_submodule(norm_name)
+        model.set_submodule(conv_name, fuse_conv_bn_eval(model.get_submodule(conv_name).eval(), norm.eval()))
+        rest = nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else nn.Identity()
+        model.set_submodule(norm_name, rest)
+    return len(pairs)
 
 
 @dataclass(frozen=True)

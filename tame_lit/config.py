@@ -342,6 +342,8 @@ class TrainConfig(TaskConfig):
     sync_statistics: bool = _MODULE_OPTIONS["sync_statistics"].default
     # a folder for each training image's clean pass (features, top-1), read by later epochs (data.augment=false)
     clean_pass_cache: str | None = _MODULE_OPTIONS["clean_pass_cache"].default
+    # the masked passes run a copy of the backbone with its batch norms folded into its convolutions (same logits)
+    fold_batch_norm: bool = _ACCELERATION.fold_batch_norm
     loss: MaskingLoss = dataclasses.field(default_factory=MaskingLoss)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     head: Any = MISSING

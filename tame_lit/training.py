@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import OneCycleLR
 
 from tame_lit import __version__, backbones, checkpoints, heads
@@ -84,10 +84,11 @@ class HeadTrainingModule(L.LightningModule):
     (its batch norms, and the labels whose maps ``loss.selection="batch"`` regularises), so N processes with
     batch B / N train the head one process with batch B trains; false: each process's own (the original
     TAME code's per-GPU batch norm), saving two small all-reduces per batch norm and one per step.
-    ``acceleration``: ``tame_lit.acceleration.Acceleration`` (compile, channels-last), applied to the backbone
-    and the head at set-up; results are unchanged up to rounding. ``clean_pass_cache``: a folder where the clean
-    pass of each training image (its features at the head's layers, float16, and its top-1 class) is kept after
-    its first step, so that later epochs and runs on the same images skip that forward pass
+    ``acceleration``: ``tame_lit.acceleration.Acceleration`` (compile, channels-last, batch norms folded for the
+    masked passes), applied to the backbone and the head at set-up; results are unchanged up to rounding.
+    ``clean_pass_cache``: a folder where the clean pass of each training image (its features at the head's
+    layers, float16, and its top-1 class) is kept after its first step, so that later epochs and runs on the
+    same images skip that forward pass
     (``tame_lit.clean_pass``; needs ``data.augment=false``); null: recompute it every step.
     """
 
@@ -123,6 +124,7 @@ class HeadTrainingModule(L.LightningModule):
         self.sync_statistics = bool(sync_statistics)
         self.acceleration = Acceleration(**(acceleration or {}))
         self._accelerated = False
+        self._folded_backbone: tuple[backbones.Backbone | None] = (None,)  # acceleration.fold_batch_norm, at set-up
         self.clean_pass_cache = clean_pass_cache
         self._clean_passes: CleanPassCache | None = None  # opened at set-up, when the training images are known
         self.save_hyperparameters(
@@ -151,8 +153,21 @@ class HeadTrainingModule(L.LightningModule):
         if stage == "fit" and self.clean_pass_cache is not None and self._clean_passes is None:
             self._clean_passes = self._open_clean_pass_cache()
         if not self._accelerated:  # after the batch norms are swapped: compiling traces the modules in use
-            accelerate(self.acceleration, self.backbone, self.head)
+            folded = self.backbone.folded() if self.acceleration.fold_batch_norm else None
+            self._folded_backbone = (folded,)  # in a tuple: not a submodule (no checkpoint, DDP or device moves)
+            accelerate(self.acceleration, self.backbone, self.head, *([folded] if folded is not None else []))
             self._accelerated = True
+
+    def _logits_network(self, device: torch.device) -> nn.Module:
+        """The network of the masked passes, which need logits only: the backbone with its batch norms folded
+        into its convolutions (``acceleration.fold_batch_norm``, built at set-up, moved here to the images'
+        device) or, without it or while the backbone uses batch statistics, the backbone itself."""
+        folded = self._folded_backbone[0]
+        if folded is None or self.backbone.model.training:
+            return self.backbone
+        if folded.mean.device != device:
+            folded.to(device)
+        return folded
 
     def _open_clean_pass_cache(self) -> CleanPassCache:
         """Checked at set-up, before any step (not when a checkpoint is loaded elsewhere to explain)."""
@@ -220,16 +235,17 @@ class HeadTrainingModule(L.LightningModule):
         masks = torch.sigmoid(maps)
         own_maps = select_classes(maps, classes, labels)  # each image's logits of its label
         own = upsample(torch.sigmoid(own_maps), images.shape[-2:])
-        masked_logits = self.backbone(images * own.unsqueeze(1).to(images.dtype))
+        network = self._logits_network(images.device)
+        masked_logits = network(images * own.unsqueeze(1).to(images.dtype))
         kept_logits = [
-            self.backbone(images * self.objective.kept_mask(own, fraction).unsqueeze(1).to(images.dtype))
+            network(images * self.objective.kept_mask(own, fraction).unsqueeze(1).to(images.dtype))
             for fraction in self.objective.kept
         ]
         deleted_logits = []
         if self.objective.deleted:  # ranked as the explanations rank pixels: by the upsampled logits, unsaturated
             order = normalize(upsample(own_maps, images.shape[-2:]))
             deleted_logits = [
-                self.backbone(images * self.objective.deleted_mask(order, fraction).unsqueeze(1).to(images.dtype))
+                network(images * self.objective.deleted_mask(order, fraction).unsqueeze(1).to(images.dtype))
                 for fraction in self.objective.deleted
             ]
         terms = self.objective(masked_logits, labels, masks, columns, kept_logits, deleted_logits, batch_columns)

@@ -16,6 +16,7 @@ from tame_lit.evaluate import evaluate
 from tame_lit.explainers import HeadExplainer
 from tame_lit.features import count_hooks
 from tame_lit.train import train
+from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE, TINY_OVERRIDES, compose_train
 from tests.test_evaluate import FAST_METRICS, image_folder
 
@@ -77,3 +78,100 @@ def test_evaluate_with_compile_and_channels_last_scores_as_eager(tmp_path):
 def test_unknown_compile_options_are_refused_naming_them():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['modes'\].*'mode'"):
         Acceleration(compile=True, compile_options={"modes": "max-autotune"})
+
+
+def _with_random_statistics(backbone: backbones.Backbone, seed: int) -> backbones.Backbone:
+    """Batch norms with statistics and affine terms far from the identity, so that a wrong fold shows."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor in (module.running_mean, module.weight, module.bias):
+                tensor.data.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return backbone
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])  # BatchNorm2d; timm's BatchNormAct2d
+def test_folded_batch_norms_give_the_logits_and_input_gradients_of_the_backbone_and_leave_it_alone(name):
+    backbone = _with_random_statistics(backbones.create(**{**TINY_BACKBONE, "name": name}), seed=0)
+    before = {key: value.clone() for key, value in backbone.state_dict().items()}
+    norms = sum(isinstance(module, torch.nn.BatchNorm2d) for module in backbone.modules())
+    folded = backbone.folded()
+    assert folded is not None and norms > 5
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    assert sum(isinstance(module, torch.nn.BatchNorm2d) for module in backbone.modules()) == norms
+    assert all(torch.equal(before[key], value) for key, value in backbone.state_dict().items())
+    assert count_hooks(backbone) == 0 and not any(p.requires_grad for p in folded.parameters())
+
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for network in (backbone, folded):
+        pixels = images.clone().requires_grad_(True)
+        logits = network(pixels)
+        logits.logsumexp(dim=1).sum().backward()  # the masked passes' backward reaches the input
+        results.append((logits.detach(), pixels.grad))
+    (logits, gradient), (folded_logits, folded_gradient) = results
+    assert logits.std() > 0.1  # a fold that dropped a batch norm's statistics would move these
+    torch.testing.assert_close(folded_logits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(folded_gradient, gradient, rtol=1e-4, atol=1e-6)
+
+
+class ConvOutputUsedTwice(torch.nn.Module):
+    """``bn(conv(x)) + conv(x)``: folding the batch norm into ``conv`` would change the second term too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc((self.bn(y) + y).mean(dim=(2, 3)))
+
+
+def test_a_fold_that_would_change_the_logits_is_refused_and_batch_statistics_are_never_folded():
+    model = ConvOutputUsedTwice()
+    backbone = _with_random_statistics(
+        backbones.Backbone(model, name="twice", default_layers=["bn"], cam_layer="bn"), 2
+    )
+    with pytest.warns(UserWarning, match="twice: folding its batch norms .* changes the logits"):
+        assert backbone.folded() is None
+    assert isinstance(backbone.model.bn, torch.nn.BatchNorm2d)
+
+    following_train = backbones.create(**TINY_BACKBONE, train_mode=True)
+    assert following_train.folded() is None  # its batch norms may use the batch's statistics
+
+
+def test_training_runs_its_masked_passes_through_the_folded_copy_with_the_same_loss_and_gradients():
+    """The head's loss (masked, kept-pixels and deleted-pixels passes) and gradients with the batch norms folded
+    equal those without; the copy stays out of the module's state dict (checkpoints hold the head only)."""
+    loss = {"kept": [0.5], "deleted": [0.15]}
+    modules = []
+    for fold_batch_norm in (False, True):
+        torch.manual_seed(0)
+        module = HeadTrainingModule(
+            TINY_BACKBONE, {"name": "tame"}, loss, acceleration={"fold_batch_norm": fold_batch_norm}
+        )
+        _with_random_statistics(module.backbone, seed=3)
+        module.setup("fit")
+        modules.append(module)
+    (plain, folded) = modules
+    assert folded._folded_backbone[0] is not None and plain._folded_backbone[0] is None
+    assert folded.state_dict().keys() == plain.state_dict().keys()
+
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    results = []
+    for module in modules:
+        module.train()
+        with torch.no_grad():
+            logits, features = module.backbone.features(images, module.head.layers)
+        terms, _ = module.masking_pass(images, features, logits.argmax(dim=1))
+        terms["loss"].backward()
+        results.append((terms, {name: p.grad for name, p in module.head.named_parameters()}))
+    (terms, grads), (folded_terms, folded_grads) = results
+    assert {"ce@50", "del@15"} <= terms.keys()
+    for key in terms:
+        torch.testing.assert_close(folded_terms[key], terms[key], rtol=1e-4, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(folded_grads[name], grads[name], rtol=1e-3, atol=1e-6)
