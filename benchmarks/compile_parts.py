@@ -3,7 +3,8 @@
 The four variants live in one process and take turns, one step and one plain forward each per round, so that
 the drift of a shared machine falls on all of them alike (separate processes, as in ``train_throughput.py``,
 moved by up to 1.7x from one run to the next on the 2-core CI machine). Compute only, on one preloaded batch;
-the first rounds pay the compilations and are not counted.
+the first rounds pay the compilations and are not counted. The masked passes run the backbone itself, with its
+batch norms (as with ``fold_batch_norm=false``; the module's set-up, which builds the folded copy, is not run).
 
     python benchmarks/compile_parts.py [--device cuda] [--backbone efficientnet_lite0] [--batch 16]
         [--rounds 8] [--warmup 3] [--profile]

@@ -7,14 +7,18 @@ computes only the maps of the batch's labels (what ``HeadTrainingModule`` does; 
 ``HeadExplainer`` (one forward, the head, the top-1 map); ``clean pass cached`` is a step whose clean pass
 comes from ``clean_pass_cache`` (the head, the masked forward, the backward). Data loading (JPEG decode +
 resize + crop in worker processes) is measured separately; whole epochs with it: ``epoch_time.py``. Each
-configuration runs in a fresh process so that its peak memory (CUDA: max allocated; CPU: peak RSS) is its own.
+configuration runs in a fresh process so that its peak memory (CUDA: max allocated; CPU: peak RSS) is its own;
+each ratio divides by the plain forward timed in that same process, one forward after each step, so that the
+drift of a shared machine cancels from the ratio (separate processes moved it by up to 1.7x on 2 CPU cores).
 
     python benchmarks/train_throughput.py [--device cuda] [--batch 16] [--steps 10] [--heads tame sacam best]
         [--precision bf16-mixed] [--compile] [--channels-last]
 
 ``--precision``: the autocast of Lightning's precision plugin (``32-true``, ``bf16-mixed``, ``16-mixed``);
 ``--compile`` / ``--channels-last``: ``tame_lit.acceleration`` on the backbone and the head (the warm-up steps
-pay the compilation). The last column extrapolates one epoch of ImageNet's 1,281,167 training images.
+pay the compilation); ``--no-fold``: the masked passes keep the backbone's batch norms (``fold_batch_norm=false``;
+by default they run its folded copy, as training does). The last column extrapolates one epoch of ImageNet's
+1,281,167 training images.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,18 +74,18 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
 
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from tame_lit.acceleration import Acceleration, accelerate
     from tame_lit.training import HeadTrainingModule
 
     torch.manual_seed(0)
     weights = "imagenet" if backbone_name == "efficientnet_lite0" else None
     head_name, _, variant = mode.partition(":")
     head = head_options("tame" if head_name == "inference" else head_name)
-    module = HeadTrainingModule(backbone={"name": backbone_name, "weights": weights}, head=head)
-    module.to(device).train()
-    accelerate(
-        Acceleration(compile=speed["compile"], channels_last=speed["channels_last"]), module.backbone, module.head
+    acceleration = {key: speed[key] for key in ("compile", "channels_last", "fold_batch_norm")}
+    module = HeadTrainingModule(
+        backbone={"name": backbone_name, "weights": weights}, head=head, acceleration=acceleration
     )
+    module.setup("fit")  # as in training: compile, channels-last, the folded copy of the masked passes
+    module.to(device).train()
     precision = speed["precision"]
     autocast = contextlib.nullcontext if precision == "32-true" else MixedPrecision(precision, device).forward_context
     images = batch_of_images(batch, size).to(device)
@@ -128,23 +133,34 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
         with autocast():
             chosen()
 
+    def timed(work: Callable[[], None]) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        work()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
     for _ in range(3 if speed["compile"] else 2):  # compiling: the first calls trace (grad modes, hooks)
         step()
+        if mode != "inference":
+            inference()
     if device == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = forward_seconds = 0.0
+    for _ in range(steps):  # a plain forward after each step: the ratio is free of the machine's drift
+        seconds += timed(step)
+        if mode != "inference":
+            forward_seconds += timed(inference)
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
         if device == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    return {"images_per_s": batch * steps / seconds, "peak_mib": peak}
+    rate = batch * steps / seconds
+    forward_rate = batch * steps / forward_seconds if forward_seconds else rate
+    return {"images_per_s": rate, "forward_images_per_s": forward_rate, "peak_mib": peak}
 
 
 def loading(batch: int, workers: int, batches: int) -> float:
@@ -173,11 +189,16 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the head")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument(
+        "--no-fold", action="store_true", help="masked passes with the batch norms (fold_batch_norm=false)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("BACKBONE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    speed = {"precision": args.precision, "compile": args.compile, "channels_last": args.channels_last}
+    speed = {"precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
+             "fold_batch_norm": not args.no_fold}  # fmt: skip
     flags = ["--precision", args.precision, *(["--compile"] if args.compile else []),
-             *(["--channels-last"] if args.channels_last else [])]  # fmt: skip
+             *(["--channels-last"] if args.channels_last else []),
+             *(["--no-fold"] if args.no_fold else [])]  # fmt: skip
     if args.one:
         result = measure(args.one[0], args.one[1], args.batch, args.size, args.steps, args.device, speed)
         print(json.dumps(result))
@@ -195,23 +216,24 @@ def main() -> None:
                        str(args.batch), "--size", str(args.size), "--steps", str(args.steps), *flags]  # fmt: skip
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[mode] = json.loads(output.strip().splitlines()[-1])
-        base = results["inference"]["images_per_s"]
         for mode in modes:
             head, _, variant = mode.partition(":")
             label = {"all": f"{head} step (all classes)", "explain": f"{head} explain", "": f"{head} step",
                      "cached": f"{head} step, clean pass cached"}[variant]  # fmt: skip
-            rate = results[mode]["images_per_s"]
-            rows.append((name, "inference forward" if mode == "inference" else label, rate, rate / base,
-                         results[mode]["peak_mib"]))  # fmt: skip
+            rate, forward_rate = results[mode]["images_per_s"], results[mode]["forward_images_per_s"]
+            rows.append((name, "inference forward" if mode == "inference" else label, rate, forward_rate,
+                         rate / forward_rate, results[mode]["peak_mib"]))  # fmt: skip
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.device}"
     print(f"\ndevice={where} batch={args.batch} size={args.size}px steps={args.steps} precision={args.precision} "
-          f"compile={args.compile} channels_last={args.channels_last} torch={torch.__version__}")  # fmt: skip
-    print("| backbone | what | images/s | ratio to inference | peak memory (MiB) | ImageNet epoch (h) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, label, rate, ratio, peak in rows:
+          f"compile={args.compile} channels_last={args.channels_last} fold_batch_norm={not args.no_fold} "
+          f"torch={torch.__version__}")  # fmt: skip
+    print("| backbone | what | images/s | its forward (images/s) | ratio to inference | peak memory (MiB) "
+          "| ImageNet epoch (h) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, label, rate, forward_rate, ratio, peak in rows:
         epoch = IMAGENET_TRAIN_IMAGES / rate / 3600
-        print(f"| {name} | {label} | {rate:.1f} | {ratio:.3f} | {peak:.0f} | {epoch:.2f} |")
+        print(f"| {name} | {label} | {rate:.1f} | {forward_rate:.1f} | {ratio:.3f} | {peak:.0f} | {epoch:.2f} |")
     if IMAGENETTE.is_dir():
         rate = loading(args.batch, args.workers, batches=20)
         what = f"imagenette/train, JPEG decode + resize + crop, {args.workers} workers"
