@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from tame_lit.features import capture, check_layers, preserved_state, stage_outputs
+from tame_lit.layouts import FeatureLayout, layout_of
 from tame_lit.registry import Registry
 
 __all__ = ["ARCHITECTURES", "Backbone", "available", "create", "fold_batch_norms", "load_weights_file"]
@@ -48,9 +49,11 @@ class Backbone(nn.Module):
         weights_source: str = "random",
         train_mode: bool = False,
         input_size: int | Sequence[int] = 224,
+        layout: FeatureLayout | None = None,
     ) -> None:
         super().__init__()
         self.model = model.requires_grad_(False)
+        self.layout = layout or layout_of(model)
         self.name = name
         self.weights_source = weights_source
         self.train_mode = bool(train_mode)
@@ -59,6 +62,9 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self._shape_cache: dict[tuple[str, ...], tuple[dict[str, tuple[int, ...]], int]] = {}
         self._fingerprint: str | None = None
+        if (default_layers is None or cam_layer is None) and self.layout.kind != "spatial":
+            family_layers, family_cam = transformer_layers(self.model)
+            default_layers, cam_layer = default_layers or family_layers, cam_layer or family_cam
         if default_layers is None or cam_layer is None:
             stages = stage_outputs(self.model, torch.zeros(1, 3, *self.input_size))
             default_layers = default_layers or stages[-3:]
@@ -85,7 +91,7 @@ class Backbone(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits and the outputs of ``layers`` from one forward pass (hooks removed afterwards); see
         ``features.capture`` for ``grad_roots``."""
-        with capture(self.model, layers, self.name, grad_roots) as store:
+        with capture(self.model, layers, self.name, grad_roots, self.layout, images.shape[-2:]) as store:
             logits = self(images)
         missing = [name for name in layers if name not in store]
         if missing:
@@ -255,6 +261,32 @@ def fold_batch_norms(model: nn.Module, probe: Tensor) -> int:
     return len(pairs)
 
 
+def transformer_layers(model: nn.Module) -> tuple[tuple[str, ...], str]:
+    """Default head layers and CAM layer of a transformer family: the last three encoder blocks' outputs (as
+    T-TAME reads ViT-B/16) or Swin's last three stages; the CAM layer is the input of the last block's
+    attention (its first norm) where a class token feeds the classifier, since the patch tokens of the last
+    block's output get no gradient there (pytorch-grad-cam's choice), else the last block's (stage's) output."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) >= 3:  # timm ViT, DeiT
+        last = len(blocks) - 1
+        pooled = getattr(model, "global_pool", "token") != "token"
+        return tuple(
+            f"blocks.{i}" for i in range(last - 2, last + 1)
+        ), f"blocks.{last}" if pooled else f"blocks.{last}.norm1"
+    encoder = getattr(getattr(model, "encoder", None), "layers", None)
+    if isinstance(encoder, nn.Sequential) and len(encoder) >= 3:  # torchvision vit_*
+        names = [f"encoder.layers.{name}" for name, _ in encoder.named_children()]
+        return tuple(names[-3:]), f"{names[-1]}.ln_1"
+    stages = getattr(model, "layers", None)
+    if isinstance(stages, nn.Sequential | nn.ModuleList) and len(stages) >= 3 and hasattr(model, "norm"):  # Swin
+        last = len(stages) - 1
+        return tuple(f"layers.{i}" for i in range(last - 2, last + 1)), "norm"
+    raise ValueError(
+        f"{type(model).__name__}: no default layers for this transformer family; pass backbone.layers and "
+        "backbone.cam_layer"
+    )
+
+
 @dataclass(frozen=True)
 class Architecture:
     """A named backbone: how to build it, load its standard weights, and which layers TAME/CAMs use."""
@@ -353,6 +385,61 @@ ARCHITECTURES.add(
 )
 
 
+def _timm_builder(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+
+    return build
+
+
+def _timm_pretrained(name: str, model_kwargs: dict | None = None) -> Callable[[nn.Module], str]:
+    def load(model: nn.Module) -> str:
+        import timm
+
+        try:
+            fresh = timm.create_model(name, pretrained=True, **(model_kwargs or {}))
+        except Exception as error:
+            raise RuntimeError(
+                f"could not fetch timm's pretrained weights for {name} ({error}); without a network, pass "
+                f"backbone.weights=/path/to/{name}.safetensors (a state dict file) or backbone.weights=null"
+            ) from error
+        model.load_state_dict(fresh.state_dict())
+        return f"timm:{name}"
+
+    return load
+
+
+# transformers (tame_lit.layouts reads their tokens as maps): T-TAME's ViT-B/16 layers, the last three blocks
+for _entry, _timm_name, _depth in (
+    ("vit_b16", "vit_base_patch16_224", 12),
+    ("deit_small", "deit_small_patch16_224", 12),
+):
+    ARCHITECTURES.add(
+        _entry,
+        Architecture(
+            build=_timm_builder(_timm_name),
+            load_pretrained=_timm_pretrained(_timm_name),
+            layers=tuple(f"blocks.{i}" for i in range(_depth - 3, _depth)),
+            # the class token feeds the classifier: the last block's patch tokens get no gradient, its attention's
+            # input does (transformer_layers)
+            cam_layer=f"blocks.{_depth - 1}.norm1",
+            mean=(0.5, 0.5, 0.5) if _entry == "vit_b16" else IMAGENET_MEAN,
+            std=(0.5, 0.5, 0.5) if _entry == "vit_b16" else IMAGENET_STD,
+        ),
+    )
+ARCHITECTURES.add(
+    "swin_tiny",
+    Architecture(
+        build=_timm_builder("swin_tiny_patch4_window7_224"),
+        load_pretrained=_timm_pretrained("swin_tiny_patch4_window7_224"),
+        layers=("layers.1", "layers.2", "layers.3"),  # stride 8, 16, 32 (192, 384, 768 channels)
+        cam_layer="norm",  # the last stage, normalised, then average pooling and one linear layer
+    ),
+)
+
+
 def available() -> list[str]:
     """The named backbones; any torchvision or timm classifier name also works with ``create``."""
     return ARCHITECTURES.available()
@@ -422,16 +509,7 @@ def create(
         default_layers = default_cam = None
         torchvision_name = None
 
-        def pretrained(model: nn.Module, _name: str = arch_name, _kwargs: dict = model_kwargs) -> str:
-            try:
-                fresh = timm.create_model(_name, pretrained=True, **_kwargs)
-            except Exception as error:
-                raise RuntimeError(
-                    f"could not fetch timm's pretrained weights for {_name} ({error}); pass "
-                    "backbone.weights=/path/to/weights.pth or backbone.weights=null"
-                ) from error
-            model.load_state_dict(fresh.state_dict())
-            return f"timm:{_name}"
+        pretrained = _timm_pretrained(arch_name, model_kwargs)
 
     if torchvision_name and weights not in (None, "imagenet") and not _looks_like_path(weights):
         pretrained, weights = _torchvision_pretrained(torchvision_name, weights), "imagenet"

@@ -11,7 +11,11 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from tame_lit.layouts import FeatureLayout
+
 __all__ = ["capture", "check_layers", "count_hooks", "model_tail", "preserved_state", "stage_outputs"]
+
+SPATIAL = FeatureLayout()  # CNN maps, recorded as they are
 
 
 def check_layers(model: nn.Module, layers: Sequence[str], model_name: str = "model") -> dict[str, nn.Module]:
@@ -36,10 +40,19 @@ class _Recorder:
     rather than a closure, so a model with hooks attached can still be pickled (``ddp_spawn``).
     """
 
-    def __init__(self, name: str, store: dict[str, Tensor], grad_root: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        store: dict[str, Tensor],
+        grad_root: bool = False,
+        layout: FeatureLayout = SPATIAL,
+        image_size: Sequence[int] | None = None,
+    ) -> None:
         self.name = name
         self.store = store
         self.grad_root = grad_root
+        self.layout = layout
+        self.image_size = image_size
 
     def __call__(self, module: nn.Module, inputs: tuple, output: object) -> Tensor:
         if not isinstance(output, Tensor):
@@ -52,30 +65,45 @@ class _Recorder:
                 f"layer {self.name!r} ran more than once in one forward pass (the module is reused); "
                 "hook a module that runs once, such as its parent block"
             )
-        if self.grad_root and not output.requires_grad:
+        if self.layout.kind == "spatial":
+            feature_map = output
+        else:
+            if self.image_size is None:
+                raise ValueError(f"capturing {self.name!r} in the {self.layout.kind} layout needs the input's size")
+            feature_map = self.layout.to_map(output, module, self.image_size, self.name)
+        if self.grad_root and not feature_map.requires_grad:
             # start the autograd graph here: gradients w.r.t. this layer need nothing below it
-            output = output.detach().requires_grad_(True)
-        self.store[self.name] = output
-        return output.clone()
+            feature_map = feature_map.detach().requires_grad_(True)
+        self.store[self.name] = feature_map
+        # the rest of the network runs on a copy rebuilt from the stored map: gradients w.r.t. the map are exact
+        return self.layout.from_map(feature_map, output, module).clone()
 
 
 @contextlib.contextmanager
 def capture(
-    model: nn.Module, layers: Sequence[str], model_name: str = "model", grad_roots: bool = False
+    model: nn.Module,
+    layers: Sequence[str],
+    model_name: str = "model",
+    grad_roots: bool = False,
+    layout: FeatureLayout = SPATIAL,
+    image_size: Sequence[int] | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Record the outputs of ``layers`` during forward passes run inside the ``with`` block.
 
     Yields a dict that fills up as the model runs; clear it between passes. With ``grad_roots`` (and grad
     enabled), a captured output that has no autograd history becomes a leaf that requires grad, so
     ``torch.autograd.grad(score, captured)`` works on a frozen model and never runs backward below the
-    shallowest captured layer. The hooks are removed when the block exits, also through an exception.
+    shallowest captured layer. ``layout`` (``tame_lit.layouts``; ``image_size``: the input's (H, W)) turns token
+    sequences and channels-last stages into ``[B, C, h, w]`` maps as they are recorded. The hooks are removed
+    when the block exits, also through an exception.
     """
     modules = check_layers(model, layers, model_name)
     store: dict[str, Tensor] = {}
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(_Recorder(name, store, grad_roots)))
+            recorder = _Recorder(name, store, grad_roots, layout, image_size)
+            handles.append(module.register_forward_hook(recorder))
         yield store
     finally:
         for handle in handles:

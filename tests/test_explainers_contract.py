@@ -119,3 +119,46 @@ def test_every_explainer_has_a_config_that_builds_it(backbone, tmp_path):
         assert name == key
         explainer = explainers.create(name, backbone, **options)
         assert isinstance(explainer, explainers.Explainer)
+
+
+# the same promises on a tiny ViT (class token, 6 blocks, 10x10 patch tokens at 160 px; tame_lit.layouts)
+TINY_VIT = {"name": "test_vit", "weights": None, "num_classes": 10}
+REFUSED_ON_VIT = {  # with the reason in the message
+    "cam": "not a linear readout of the global average",  # a class token, not pooled tokens, feeds the classifier
+    "sise": "sise is not defined for test_vit",  # no CNN stages at several resolutions
+}
+
+
+@pytest.fixture(scope="module")
+def vit() -> backbones.Backbone:
+    torch.manual_seed(0)
+    return backbones.create(**TINY_VIT)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_on_a_tiny_vit_maps_are_in_range_batch_independent_and_leave_the_model_alone(name, vit):
+    images = torch.rand(4, 3, 160, 160, generator=torch.Generator().manual_seed(2))
+    if name in REFUSED_ON_VIT:
+        with pytest.raises(ValueError, match=REFUSED_ON_VIT[name]):
+            make(name, vit)(images[:1])
+        assert count_hooks(vit.model) == 0
+        return
+    model = vit.model
+    model.blocks[2].train()  # modes and flags that must survive the calls
+    model.blocks[1].attn.qkv.weight.requires_grad_(True)
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        explainer = make(name, vit)
+        maps = explainer(images)
+        assert maps.shape == (4, 160, 160) and maps.dtype == torch.float32
+        assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+        assert (maps.flatten(1).amax(dim=1) > maps.flatten(1).amin(dim=1)).all()  # not a blank map
+        torch.testing.assert_close(explainer(images[2:3]), maps[2:3], rtol=1e-4, atol=1e-4)
+        assert count_hooks(model) == 0
+        assert [m.training for m in model.modules()] == modes
+        assert [p.requires_grad for p in model.parameters()] == flags
+    finally:
+        model.blocks[2].eval()
+        model.blocks[1].attn.qkv.weight.requires_grad_(False)
+        model.blocks[1].attn.qkv.weight.grad = None

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "tame_lit"
 # lowest first; a module is placed by its first name after ``tame_lit.`` (``tame_lit.export.onnx`` -> export),
 # so a module that becomes a package (data.py -> data/) keeps its place
 LAYERS: list[set[str]] = [
-    {"io", "system", "maps", "features", "viz", "loggers", "registry", "statistics", "acceleration"},
+    {"io", "system", "maps", "features", "layouts", "viz", "loggers", "registry", "statistics", "acceleration"},
     {"backbones"},
     {"heads", "metrics", "data"},
     {"explainers"},

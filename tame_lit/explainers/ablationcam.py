@@ -64,7 +64,9 @@ class AblationCAM(LayerExplainer):
         The tail is checked once against the logits already computed, so a model that fx traced into
         something else (state read at trace time) falls back to the full pass rather than giving wrong maps.
         """
-        tail = model_tail(self.backbone.model, self.layer)
+        # a tail takes the layer's own output: with tokens or channels-last stages (tame_lit.layouts) the map is not
+        # that, so those networks take the full pass, which rebuilds the layer's output from the ablated map
+        tail = model_tail(self.backbone.model, self.layer) if self.backbone.layout.kind == "spatial" else None
         if tail is not None:
             expected = logits.float()
             scale = 1e-3 * max(1.0, expected.abs().max().item())
@@ -75,7 +77,10 @@ class AblationCAM(LayerExplainer):
 
     def full_pass(self, module: nn.Module, images: Tensor, replacement: Tensor) -> Tensor:
         """The whole network, with ``module``'s output replaced by ``replacement`` (the hook never stays)."""
-        handle = module.register_forward_hook(lambda module, inputs, output: replacement)
+        layout = self.backbone.layout
+        handle = module.register_forward_hook(
+            lambda module, inputs, output: layout.from_map(replacement, output, module)
+        )
         try:
             return self.backbone(images)
         finally:

@@ -74,6 +74,12 @@ class SISE(LayerExplainer):
         batch_size: int = 64,
         baseline: str = "mean",
     ) -> None:
+        if backbone.layout.kind != "spatial":
+            raise ValueError(
+                f"sise is not defined for {backbone.name}: its layers are a CNN's stage outputs, fused from one "
+                f"resolution to the next; this network's layers are {backbone.layout.kind} "
+                "(tame_lit.layouts). Use gradcam, scorecam, rise or a trained head"
+            )
         explicit = layers is not None
         if layers is None:
             example = torch.zeros(1, 3, *backbone.input_size, device=backbone.mean.device)
