@@ -279,3 +279,23 @@ def test_a_mask_explanation_survives_export_to_every_format(tmp_path):
     for path in (out, out / "explainer.pt2", out / "explainer.onnx"):
         loaded = load_explainer(path, trusted=True)  # trusted: a program this test just wrote
         torch.testing.assert_close(loaded(images), eager(images), rtol=0, atol=1e-4)
+
+
+def test_a_head_whose_layers_do_not_sort_in_their_order_reloads_in_that_order(tmp_path):
+    """explainer.json's objects have sorted keys, while a head's branches follow its layers' order (a ViT's
+    blocks.9, blocks.10, blocks.11 sort as 10, 11, 9): the reload takes the order from ``layers``."""
+    from safetensors.torch import save_file
+
+    from tests.test_training import quiet_trainer, tiny_data
+
+    torch.manual_seed(0)
+    weights = tmp_path / "test_resnet.safetensors"
+    save_file(backbones.create(**TINY_BACKBONE).model.state_dict(), str(weights))
+    layers = ["layer4", "layer2", "layer3"]
+    module = HeadTrainingModule({**TINY_BACKBONE, "weights": str(weights)}, {"name": "tame", "layers": layers})
+    trainer = quiet_trainer(max_steps=2, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, tiny_data())
+    trainer.save_checkpoint(tmp_path / "head.ckpt")
+    out = export_head(tmp_path / "head.ckpt", tmp_path / "export")  # verifies the reloaded maps against the eager
+    assert list(json.loads((out / "explainer.json").read_text())["layer_shapes"]) == sorted(layers)
+    assert load_export(out).head.layers == tuple(layers)

@@ -136,11 +136,16 @@ def load_export(
     if backbone is None:
         backbone = backbones.create(**metadata["backbone"]["config"])
     saved, layer_shapes = export_record(metadata), metadata["layer_shapes"]
+    # the head's branches follow its layers' order, kept by "layers": explainer.json's objects have sorted keys
+    # (blocks.10 before blocks.9)
+    layers = list(metadata.get("layers") or layer_shapes)
+    if sorted(layers) != sorted(layer_shapes):
+        raise InvalidExportError(f"{folder}: layers {layers} and layer_shapes {sorted(layer_shapes)} disagree")
     check_compatible(saved, compatibility(backbone), folder)  # first: another backbone may lack the layers
-    shapes = {name: list(shape) for name, shape in backbone.layer_shapes(list(layer_shapes)).items()}
+    shapes = {name: list(shape) for name, shape in backbone.layer_shapes(layers).items()}
     check_compatible(saved, {"layer_shapes": shapes}, folder)
     config = metadata["head"]
-    head = heads.create(config["name"], backbone, list(layer_shapes), **head_options(config))
+    head = heads.create(config["name"], backbone, layers, **head_options(config))
     try:
         head.load_state_dict(state)
     except RuntimeError as error:
