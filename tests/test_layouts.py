@@ -4,12 +4,17 @@ gradients with respect to the maps equal to the tokens' gradients laid out the s
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tame_lit import backbones
 from tame_lit.features import count_hooks
 from tame_lit.layouts import FeatureLayout
+from tame_lit.train import train
+from tests.helpers import compose_train
 
 TINY_SWIN = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}
 # (backbone options, expected layout, input size)
@@ -120,3 +125,16 @@ def test_transformer_entries_read_their_default_layers_as_maps(entry, layers, ca
     backbone = backbones.create(entry, weights=None)
     assert backbone.default_layers == layers and backbone.cam_layer == cam_layer
     assert list(backbone.layer_shapes(layers).values()) == shapes
+
+
+@pytest.mark.parametrize("entry", ["vit_b16", "deit_small", "swin_tiny"])
+def test_train_py_trains_and_exports_a_tame_head_on_each_transformer_entry(entry, tmp_path):
+    """``python train.py backbone=<entry> backbone.weights=null trainer.max_steps=3``: the head reads the entry's
+    layers as maps, trains (its weights move, the loss is finite) and is exported."""
+    overrides = [f"backbone={entry}", "backbone.weights=null", "trainer.max_steps=3", "data.batch_size=2",
+                 "data.limit=6", "logger=none"]  # fmt: skip
+    metrics = train(compose_train(overrides, tmp_path))
+    assert math.isfinite(metrics["train/loss"])
+    exported = load_file(tmp_path / "export" / "head.safetensors")
+    layers = {"vit_b16": 768, "deit_small": 384, "swin_tiny": 768}[entry]
+    assert any(value.shape[:2] == (layers, layers) for value in exported.values())  # the deepest layer's branch
