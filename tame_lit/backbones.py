@@ -140,6 +140,12 @@ class Backbone(nn.Module):
             "CAM needs a network that ends in global average pooling and one linear layer (VGG's classifier has "
             "three FC layers: use Grad-CAM there), read at the features right before the pooling"
             + (f" (try layer {self.cam_layer!r})" if layer != self.cam_layer else "")
+            + (
+                "; a transformer qualifies when it averages its normalised patch tokens into its classifier (timm: "
+                "global_pool='avg', fc_norm=False), not when a class token feeds it"
+                if self.layout.kind == "tokens"
+                else ""
+            )
         )
         found = [
             module
@@ -269,10 +275,13 @@ def transformer_layers(model: nn.Module) -> tuple[tuple[str, ...], str]:
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) >= 3:  # timm ViT, DeiT
         last = len(blocks) - 1
-        pooled = getattr(model, "global_pool", "token") != "token"
-        return tuple(
-            f"blocks.{i}" for i in range(last - 2, last + 1)
-        ), f"blocks.{last}" if pooled else f"blocks.{last}.norm1"
+        layers = tuple(f"blocks.{i}" for i in range(last - 2, last + 1))
+        if getattr(model, "global_pool", "token") == "token":
+            return layers, f"blocks.{last}.norm1"
+        if isinstance(getattr(model, "fc_norm", None), nn.Identity) and not isinstance(model.norm, nn.Identity):
+            # tokens normalised, averaged, one linear layer: CAM holds at "norm", which replaces the last block
+            return (*layers[:-1], "norm"), "norm"
+        return layers, f"blocks.{last}"  # a norm after the average (fc_norm): Grad-CAM, not CAM
     encoder = getattr(getattr(model, "encoder", None), "layers", None)
     if isinstance(encoder, nn.Sequential) and len(encoder) >= 3:  # torchvision vit_*
         names = [f"encoder.layers.{name}" for name, _ in encoder.named_children()]

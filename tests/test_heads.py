@@ -279,3 +279,31 @@ def test_the_explanation_is_a_head_option_that_reaches_the_explainer(name, tiny_
     assert torch.allclose(HeadExplainer(tiny_backbone, plain)(images), target_maps(own, (64, 64)), atol=1e-4)
     with pytest.raises(ValueError, match=r"explanation must be one of \['logits', 'mask'\], got 'soft'"):
         heads.create(name, tiny_backbone, explanation="soft", **options)
+
+
+def test_on_an_average_pooled_vit_sacam_starts_as_cam_tame_and_class_token_vits_are_refused_with_the_reason():
+    """A ViT that averages its normalised patch tokens into one linear layer (timm global_pool='avg',
+    fc_norm=False) has CAM at ``norm``: SA-CAM started from the classifier gives it within 1e-5. TAME's ReLU
+    branches would clip those signed tokens, and a class token feeding the classifier leaves no CAM: both
+    refused, saying why."""
+    torch.manual_seed(0)
+    vit = backbones.create("test_vit", weights=None, num_classes=10, class_token=False, global_pool="avg",
+                           fc_norm=False)  # fmt: skip
+    assert vit.cam_layer == "norm" and vit.default_layers == ("blocks.3", "blocks.4", "norm")
+    images = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    head = heads.create("sacam", vit, init_from_classifier=True).eval()
+    with torch.no_grad():
+        _, features = vit.features(images, head.layers)
+        maps = head(features)
+        cam = cam_logits(vit, features["norm"], tuple(maps.shape[-2:]))
+    assert cam.abs().amax() > 0.1 and features["norm"].min() < 0
+    assert (maps - cam).abs().max().item() <= 1e-5 * max(1.0, cam.abs().amax().item())
+    alone = heads.create("sacam", vit, layers=["norm"], init_from_classifier=True)
+    cam_maps = explainers.create("cam", vit)(images)
+    assert (HeadExplainer(vit, alone)(images) - cam_maps).abs().max().item() <= 1e-5
+
+    with pytest.raises(ValueError, match=r"TameHead .* ReLU.* layer 'norm' has negative values.*head=sacam"):
+        heads.create("tame", vit, init_from_classifier=True)
+    class_token = backbones.create("test_vit", weights=None, num_classes=10)
+    with pytest.raises(ValueError, match="not when a class token feeds it"):
+        heads.create("sacam", class_token, init_from_classifier=True)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tame_lit.features import preserved_state
 from tame_lit.maps import normalize, upsample
 from tame_lit.registry import Registry
 
@@ -43,7 +44,11 @@ class ExplanationHead(nn.Module):
     pre-sigmoid class maps ``[B, K, h, w]``; with ``classes`` (a 1-D LongTensor) only those K maps are
     computed, which is all the training objective needs and much cheaper than all 1,000. ``explanation``:
     how a class map becomes an explanation (``target_maps``): ``logits`` (TAME) or ``mask``.
+    ``clips_negative_features``: started from the classifier, the head passes the CAM layer's features through a
+    ReLU, so its start is CAM only where they are non-negative (``start_from_cam`` checks).
     """
+
+    clips_negative_features: bool = False
 
     def __init__(
         self, layer_shapes: Mapping[str, Sequence[int]], num_classes: int, explanation: str = "logits"
@@ -187,6 +192,19 @@ def start_from_cam(head: ExplanationHead, backbone: Backbone) -> None:
             "(or pass init_from_classifier=False)"
         )
     linear = backbone.linear_classifier(layer)
+    if head.clips_negative_features:
+        probe = torch.rand(2, 3, *backbone.input_size, generator=torch.Generator().manual_seed(0))
+        with preserved_state(backbone), torch.no_grad():
+            backbone.eval()
+            _, features = backbone.features(probe.to(backbone.mean.device), [layer])
+        lowest = features[layer].min().item()
+        if lowest < 0:
+            raise ValueError(
+                f"{type(head).__name__} started from the classifier passes the CAM layer through a ReLU, so it is CAM "
+                f"only on non-negative features (a CNN layer after its ReLU); {backbone.name}'s layer {layer!r} has "
+                f"negative values ({lowest:.3g} on noise images, as a transformer's normalised tokens have): use "
+                "head=sacam, whose start is CAM on any features, or init_from_classifier=false"
+            )
     head.start_from_classifier(linear.weight, linear.bias, layer)
 
 

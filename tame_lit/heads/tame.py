@@ -67,6 +67,8 @@ class TameHead(ExplanationHead):
     init_from_classifier=True)`` starts the head as CAM (``start_from_classifier``).
     """
 
+    clips_negative_features = True  # its branches end in ReLU
+
     def __init__(
         self,
         layer_shapes: Mapping[str, Sequence[int]],
