@@ -164,6 +164,7 @@ def test_unknown_explainer_options_stop_evaluate(capsys, no_backbone):
         ("train", ["-m", "optimizer.max_lr=tag(log, interval(1e-4, 1e-1))", "hparams_search=optuna"]),
         ("train", ["+callbacks.stop._target_=tests.helpers.StopAfterStep", "+callbacks.stop.step=3"]),
         ("train", ["experiment=tame_vgg16_imagenet", "--cfg", "job"]),
+        ("train", ["experiment=tame_vit_b16_imagenet", "--cfg", "job"]),
         ("train", ["-m", "experiment=tame_lite0_imagenette", "hparams_search=lite0_recipe"]),
         ("train", ["-m", "experiment=lite0_imagenette_best", "hparams_search=lite0_recipe"]),
         ("train", ["experiment=lite0_imagenette_best", "--cfg", "job"]),

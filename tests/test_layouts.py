@@ -164,3 +164,13 @@ def test_gradcam_on_a_vit_agrees_with_pytorch_grad_cam_and_its_reshape_transform
     for mine, reference in zip(ours, theirs, strict=True):
         r = torch.corrcoef(torch.stack([mine.flatten(), reference.flatten().float()]))[0, 1].item()
         assert r >= 0.98, r
+
+
+def test_the_t_tame_vit_experiment_reads_torchvisions_last_three_blocks_as_768x14x14_maps(tmp_path):
+    cfg = compose_train(["experiment=tame_vit_b16_imagenet", "backbone.weights=null"], tmp_path)
+    backbone = backbones.create(**cfg.backbone)
+    assert backbone.layout == FeatureLayout("tokens", 1, (16, 16))  # torchvision's class token
+    shapes = backbone.layer_shapes(list(cfg.backbone.layers))
+    assert list(shapes) == [f"encoder.layers.encoder_layer_{i}" for i in (9, 10, 11)]
+    assert set(shapes.values()) == {(768, 14, 14)} and backbone.cam_layer == "encoder.layers.encoder_layer_11.ln_1"
+    assert cfg.optimizer.max_lr == 1e-3 and cfg.optimizer.bias_lr_factor == 1.0 and cfg.data.batch_size == 32
