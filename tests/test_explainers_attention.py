@@ -17,8 +17,10 @@ from tame_lit.explainers import create
 from tame_lit.explainers.attention_gradcam import AttentionGradCAM
 from tame_lit.explainers.ge import GradualExtrapolation
 from tame_lit.explainers.gradcam import GradCAM
+from tame_lit.explainers.rollout import attention_modules
 from tame_lit.explainers.sacam_posthoc import PostHocSACAM
 from tame_lit.features import count_hooks
+from tame_lit.maps import normalize
 from tests.helpers import TINY_BACKBONE
 
 VALID_SACAM_BASES = "['gradcam', 'gradcampp', 'xgradcam']"
@@ -393,3 +395,39 @@ def test_works_inside_inference_mode(resnet, name, options):
         maps = explainer(images)
     assert maps.amax() > 0.5
     torch.testing.assert_close(maps, expected)
+
+
+def test_attention_rollout_follows_its_formula_and_gives_the_fused_kernel_back():
+    """R = prod_l rownorm(0.5 mean_heads(softmax(q k^T * scale)) + 0.5 I), the class token's row over the patch
+    tokens, recomputed here from each block's own q and k (captured as the block's input) on a tiny ViT whose
+    attention normally runs fused (timm's default): same maps within 1e-4 (the fused and the explicit kernels round
+differently; 4e-5 measured), the fused switches back on."""
+    torch.manual_seed(0)
+    vit = backbones.create("test_vit", weights=None, num_classes=10)
+    layers = attention_modules(vit.model)
+    assert len(layers) == 6 and all(layer.fused_attn for layer in layers)
+    images = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+
+    inputs = []
+    handles = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for layer in layers]
+    try:
+        with torch.no_grad():
+            vit(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rollout = torch.eye(101).expand(2, 101, 101)
+    for layer, tokens in zip(layers, inputs, strict=True):
+        qkv = layer.qkv(tokens).reshape(2, 101, 3, layer.num_heads, layer.head_dim).permute(2, 0, 3, 1, 4)
+        weights = (qkv[0] @ qkv[1].transpose(-2, -1) * layer.scale).softmax(dim=-1).mean(dim=1)
+        step = 0.5 * weights + 0.5 * torch.eye(101)
+        rollout = (step / step.sum(dim=-1, keepdim=True)) @ rollout
+    expected = normalize(rollout[:, 0, 1:].reshape(2, 10, 10))
+    expected = F.interpolate(expected[:, None], size=(160, 160), mode="bilinear", align_corners=False)[:, 0]
+
+    explainer = create("attention_rollout", vit)
+    torch.testing.assert_close(explainer(images), expected.clamp(0, 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(explainer(images, torch.tensor([3, 7])), explainer(images))  # class-agnostic
+    assert all(layer.fused_attn for layer in layers) and count_hooks(vit) == 0
+    with pytest.raises(ValueError, match="head_fusion must be one of"):
+        create("attention_rollout", vit, head_fusion="median")

@@ -18,6 +18,7 @@ FAST = {
     "sise": {"batch_size": 128},
 }
 ALL = explainers.available()
+CNN_METHODS = explainers.defined_for("spatial")  # all but the transformer-only ones (attention rollout)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_the_registry_has_every_method_of_the_issue():
                         "ge", "attention_gradcam", "sacam_posthoc", "random"}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", CNN_METHODS)
 def test_maps_are_float32_in_unit_range_and_batch_independent(name, backbone, images):
     explainer = make(name, backbone)
     maps = explainer(images)
@@ -50,7 +51,7 @@ def test_maps_are_float32_in_unit_range_and_batch_independent(name, backbone, im
     torch.testing.assert_close(alone, maps[[0, 5]], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", CNN_METHODS)
 def test_model_state_and_hooks_are_unchanged_also_when_a_call_raises(name, backbone, images):
     explainer = make(name, backbone)
     model = backbone.model
@@ -85,7 +86,7 @@ def test_model_state_and_hooks_are_unchanged_also_when_a_call_raises(name, backb
         model.layer2[0].conv1.weight.grad = None
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", CNN_METHODS)
 def test_works_inside_inference_mode_no_grad_and_autocast(name, backbone, images):
     explainer = make(name, backbone)
     reference = explainer(images[:2])
@@ -98,7 +99,7 @@ def test_works_inside_inference_mode_no_grad_and_autocast(name, backbone, images
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all() and 0 <= mixed.min() <= mixed.max() <= 1
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", CNN_METHODS)
 def test_degenerate_inputs_give_zeros_not_nan(name, backbone):
     maps = make(name, backbone)(torch.zeros(2, 3, 64, 64))
     assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
@@ -113,16 +114,25 @@ def test_every_explainer_has_a_config_that_builds_it(backbone, tmp_path):
     assert sorted(path.stem for path in folder.glob("*.yaml")) == sorted(ALL)
     cfg = compose_train([], tmp_path, config="evaluate")
     assert sorted(cfg.explainer) == sorted(ALL)
+    vit = backbones.create(**TINY_VIT)
     for key, entry in cfg.explainer.items():
         options = OmegaConf.to_container(entry, resolve=True)
         name = options.pop("name")
         assert name == key
-        explainer = explainers.create(name, backbone, **options)
+        explainer = explainers.create(name, backbone if name in CNN_METHODS else vit, **options)
         assert isinstance(explainer, explainers.Explainer)
 
 
 # the same promises on a tiny ViT (class token, 6 blocks, 10x10 patch tokens at 160 px; tame_lit.layouts)
 TINY_VIT = {"name": "test_vit", "weights": None, "num_classes": 10}
+
+
+def test_a_transformer_only_method_refuses_a_cnn_saying_why(backbone):
+    assert set(ALL) - set(CNN_METHODS) == {"attention_rollout"}
+    with pytest.raises(ValueError, match=r"attention_rollout is not defined for test_resnet.*layers are spatial"):
+        explainers.create("attention_rollout", backbone)
+
+
 REFUSED_ON_VIT = {  # with the reason in the message
     "cam": "not a linear readout of the global average",  # a class token, not pooled tokens, feeds the classifier
     "sise": "sise is not defined for test_vit",  # no CNN stages at several resolutions

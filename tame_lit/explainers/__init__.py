@@ -17,6 +17,7 @@ from tame_lit.explainers import (  # noqa: F401
     layercam,
     random,
     rise,
+    rollout,
     sacam_posthoc,
     scorecam,
     sise,
@@ -30,6 +31,7 @@ from tame_lit.explainers.base import (
     LayerExplainer,
     accelerate_explainers,
     create,
+    defined_for,
 )
 from tame_lit.explainers.head import HeadExplainer, head_maps
 
@@ -43,6 +45,7 @@ __all__ = [
     "accelerate_explainers",
     "available",
     "create",
+    "defined_for",
     "explainer_class",
     "head_maps",
 ]

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tame_lit.acceleration import Acceleration, accelerate
 from tame_lit.backbones import Backbone
 from tame_lit.features import check_layers, preserved_state
+from tame_lit.layouts import LAYOUTS
 from tame_lit.maps import normalize, upsample
 from tame_lit.registry import Registry
 
@@ -27,6 +28,7 @@ __all__ = [
     "accelerate_explainers",
     "chunks",
     "create",
+    "defined_for",
     "perturbed_logits",
     "to_maps",
 ]
@@ -113,6 +115,8 @@ class BackboneExplainer(Explainer):
     """
 
     needs_gradients: ClassVar[bool] = False
+    # the feature layouts (tame_lit.layouts) the method is defined on; ``defined_for`` lists methods by layout
+    layouts: ClassVar[tuple[str, ...]] = LAYOUTS
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
@@ -157,6 +161,13 @@ class BackboneExplainer(Explainer):
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+
+def defined_for(layout: str) -> list[str]:
+    """The registered methods defined on networks whose layers have ``layout`` (``"spatial"``: the CNN methods;
+    ``"tokens"``: those for ViT/DeiT, attention rollout among them). A method may still refuse one model (CAM
+    where no average pooling feeds one linear layer), saying why."""
+    return [name for name in EXPLAINERS.available() if layout in getattr(EXPLAINERS[name], "layouts", LAYOUTS)]
 
 
 def to_maps(low_res: Tensor, size: Sequence[int]) -> Tensor:

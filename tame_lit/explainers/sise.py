@@ -64,6 +64,7 @@ class SISE(LayerExplainer):
     """
 
     needs_gradients = True
+    layouts = ("spatial",)
 
     def __init__(
         self,
@@ -74,7 +75,7 @@ class SISE(LayerExplainer):
         batch_size: int = 64,
         baseline: str = "mean",
     ) -> None:
-        if backbone.layout.kind != "spatial":
+        if backbone.layout.kind not in self.layouts:
             raise ValueError(
                 f"sise is not defined for {backbone.name}: its layers are a CNN's stage outputs, fused from one "
                 f"resolution to the next; this network's layers are {backbone.layout.kind} "
