@@ -191,8 +191,8 @@ class Backbone(nn.Module):
         logits only (the training's masked passes): the folded layers' outputs are not the original's. None
         when nothing folds, when the batch norms use batch statistics (``train_mode``), or when a check on
         random images finds other logits (a convolution whose output is also used elsewhere)."""
-        if self.train_mode:
-            return None
+        if self.train_mode or not any(isinstance(module, nn.BatchNorm2d) for module in self.model.modules()):
+            return None  # (no copy of a network without batch norms, such as VGG-16 or a ViT)
         twin = copy.deepcopy(self).eval()
         probe = torch.rand(2, 3, *self.input_size, generator=torch.Generator().manual_seed(0))
         probe = probe.to(self.mean.device, self.mean.dtype)
