@@ -400,8 +400,8 @@ def test_works_inside_inference_mode(resnet, name, options):
 def test_attention_rollout_follows_its_formula_and_gives_the_fused_kernel_back():
     """R = prod_l rownorm(0.5 mean_heads(softmax(q k^T * scale)) + 0.5 I), the class token's row over the patch
     tokens, recomputed here from each block's own q and k (captured as the block's input) on a tiny ViT whose
-    attention normally runs fused (timm's default): same maps within 1e-4 (the fused and the explicit kernels round
-differently; 4e-5 measured), the fused switches back on."""
+    attention normally runs fused (timm's default): same maps within 1e-4 (the fused and the explicit kernels
+    round differently; 4e-5 measured), the fused switches back on."""
     torch.manual_seed(0)
     vit = backbones.create("test_vit", weights=None, num_classes=10)
     layers = attention_modules(vit.model)
