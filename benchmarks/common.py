@@ -29,3 +29,18 @@ def benchmark_parser(doc: str | None, batch: int):
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--size", type=int, default=224)
     return parser
+
+
+def timed(call, device: str) -> float:
+    """Seconds one ``call()`` takes, the device synchronised before and after (CUDA runs asynchronously)."""
+    import time
+
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

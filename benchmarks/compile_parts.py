@@ -15,11 +15,9 @@ variant (``torch.profiler``, with inductor's per-kernel records turned on).
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch._inductor.config
-from common import benchmark_parser, steady_allocator
+from common import benchmark_parser, steady_allocator, timed
 from train_throughput import batch_of_images, head_options
 
 from tame_lit.acceleration import Acceleration, accelerate
@@ -61,20 +59,11 @@ def main() -> None:
         terms["loss"].backward()
         optimizer.step()
 
-    def timed(work) -> float:
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        work()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     seconds = {(name, what): 0.0 for name in variants for what in ("forward", "step")}
     for round_ in range(args.warmup + args.rounds):
         for name, (module, optimizer) in variants.items():
-            step_time = timed(lambda: train_step(module, optimizer))  # noqa: B023 (called at once)
-            forward_time = timed(lambda: forward(module))  # noqa: B023
+            step_time = timed(lambda: train_step(module, optimizer), args.device)  # noqa: B023 (called at once)
+            forward_time = timed(lambda: forward(module), args.device)  # noqa: B023
             if round_ >= args.warmup:
                 seconds[name, "step"] += step_time
                 seconds[name, "forward"] += forward_time

@@ -11,11 +11,10 @@ over that limit (1.0 = the metric costs exactly its 3 forward passes, nothing el
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
-from common import benchmark_parser, steady_allocator
+from common import benchmark_parser, steady_allocator, timed
 from explainer_throughput import photos
 
 from tame_lit import backbones, explainers
@@ -27,16 +26,7 @@ KEEP = (1.0, 0.5, 0.15)
 def best_seconds(call: Callable[[], object], repeats: int, device: str) -> float:
     """Fastest of ``repeats`` timed calls after one warm-up (the least disturbed by other processes)."""
     call()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(call, device) for _ in range(repeats))
 
 
 def rates(backbone, explainer, images: torch.Tensor, args: argparse.Namespace) -> tuple[float, float, float]:

@@ -29,11 +29,10 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import benchmark_parser, steady_allocator
+from common import benchmark_parser, steady_allocator, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
@@ -133,15 +132,6 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
         with autocast():
             chosen()
 
-    def timed(work: Callable[[], None]) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        work()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     for _ in range(3 if speed["compile"] else 2):  # compiling: the first calls trace (grad modes, hooks)
         step()
         if mode != "inference":
@@ -150,9 +140,9 @@ def measure(backbone_name: str, mode: str, batch: int, size: int, steps: int, de
         torch.cuda.reset_peak_memory_stats()
     seconds = forward_seconds = 0.0
     for _ in range(steps):  # a plain forward after each step: the ratio is free of the machine's drift
-        seconds += timed(step)
+        seconds += timed(step, device)
         if mode != "inference":
-            forward_seconds += timed(inference)
+            forward_seconds += timed(inference, device)
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
         if device == "cuda"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from tame_lit.features import capture, check_layers, preserved_state, stage_outputs
-from tame_lit.layouts import FeatureLayout, layout_of
+from tame_lit.layouts import FeatureLayout, layout_of, pair
 from tame_lit.registry import Registry
 
 __all__ = ["ARCHITECTURES", "Backbone", "available", "create", "fold_batch_norms", "load_weights_file"]
@@ -57,7 +57,7 @@ class Backbone(nn.Module):
         self.name = name
         self.weights_source = weights_source
         self.train_mode = bool(train_mode)
-        self.input_size = _pair(input_size)
+        self.input_size = pair(input_size, "input_size")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self._shape_cache: dict[tuple[str, ...], tuple[dict[str, tuple[int, ...]], int]] = {}
@@ -605,12 +605,3 @@ def load_weights_file(model: nn.Module, path: str | Path, name: str, allow_in_or
                 f"{path}: {key!r} has shape {tuple(value.shape)}, {name} expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(mapped)
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2:
-        raise ValueError(f"input_size must be an int or (height, width), got {size}")
-    return size

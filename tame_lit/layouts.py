@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LAYOUTS", "FeatureLayout", "layout_of"]
+__all__ = ["LAYOUTS", "FeatureLayout", "layout_of", "pair"]
 
 LAYOUTS = ("spatial", "tokens", "channels_last")
 
@@ -83,14 +83,20 @@ def layout_of(model: nn.Module) -> FeatureLayout:
     ``channels_last``; anything else -> ``spatial``."""
     patch_embed = getattr(model, "patch_embed", None)
     if hasattr(model, "num_prefix_tokens") and patch_embed is not None and hasattr(patch_embed, "patch_size"):
-        height, width = _pair(patch_embed.patch_size)
+        height, width = pair(patch_embed.patch_size)
         return FeatureLayout("tokens", int(model.num_prefix_tokens), (height, width))
     if type(model).__name__ == "VisionTransformer" and hasattr(model, "class_token") and hasattr(model, "conv_proj"):
-        return FeatureLayout("tokens", 1, _pair(model.patch_size))  # torchvision
+        return FeatureLayout("tokens", 1, pair(model.patch_size))  # torchvision
     if str(getattr(model, "output_fmt", "")).upper().endswith("NHWC"):
         return FeatureLayout("channels_last")
     return FeatureLayout()
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+def pair(size: int | Sequence[int], name: str = "size") -> tuple[int, int]:
+    """``(height, width)`` from one int or two (an input size, a patch size); ``name`` names it in the error."""
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"{name} must be an int or (height, width), got {size}")
+    return size
