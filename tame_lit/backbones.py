@@ -269,13 +269,14 @@ def fold_batch_norms(model: nn.Module, probe: Tensor) -> int:
 
 def transformer_layers(model: nn.Module) -> tuple[tuple[str, ...], str]:
     """Default head layers and CAM layer of a transformer family: the last three encoder blocks' outputs (as
-    T-TAME reads ViT-B/16) or Swin's last three stages; the CAM layer is the input of the last block's
-    attention (its first norm) where a class token feeds the classifier, since the patch tokens of the last
-    block's output get no gradient there (pytorch-grad-cam's choice), else the last block's (stage's) output."""
+    T-TAME reads ViT-B/16) or Swin's last three stages (all of them where there are fewer); the CAM layer is the
+    input of the last block's attention (its first norm) where a class token feeds the classifier, since the patch
+    tokens of the last block's output get no gradient there (pytorch-grad-cam's choice), else the last block's
+    (stage's) output."""
     blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) >= 3:  # timm ViT, DeiT
+    if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) >= 1:  # timm ViT, DeiT
         last = len(blocks) - 1
-        layers = tuple(f"blocks.{i}" for i in range(last - 2, last + 1))
+        layers = tuple(f"blocks.{i}" for i in range(max(0, last - 2), last + 1))
         if getattr(model, "global_pool", "token") == "token":
             return layers, f"blocks.{last}.norm1"
         if isinstance(getattr(model, "fc_norm", None), nn.Identity) and not isinstance(model.norm, nn.Identity):
@@ -283,13 +284,13 @@ def transformer_layers(model: nn.Module) -> tuple[tuple[str, ...], str]:
             return (*layers[:-1], "norm"), "norm"
         return layers, f"blocks.{last}"  # a norm after the average (fc_norm): Grad-CAM, not CAM
     encoder = getattr(getattr(model, "encoder", None), "layers", None)
-    if isinstance(encoder, nn.Sequential) and len(encoder) >= 3:  # torchvision vit_*
+    if isinstance(encoder, nn.Sequential) and len(encoder) >= 1:  # torchvision vit_*
         names = [f"encoder.layers.{name}" for name, _ in encoder.named_children()]
         return tuple(names[-3:]), f"{names[-1]}.ln_1"
     stages = getattr(model, "layers", None)
-    if isinstance(stages, nn.Sequential | nn.ModuleList) and len(stages) >= 3 and hasattr(model, "norm"):  # Swin
+    if isinstance(stages, nn.Sequential | nn.ModuleList) and len(stages) >= 1 and hasattr(model, "norm"):  # Swin
         last = len(stages) - 1
-        return tuple(f"layers.{i}" for i in range(last - 2, last + 1)), "norm"
+        return tuple(f"layers.{i}" for i in range(max(0, last - 2), last + 1)), "norm"
     raise ValueError(
         f"{type(model).__name__}: no default layers for this transformer family; pass backbone.layers and "
         "backbone.cam_layer"

@@ -431,3 +431,41 @@ def test_attention_rollout_follows_its_formula_and_gives_the_fused_kernel_back()
     assert all(layer.fused_attn for layer in layers) and count_hooks(vit) == 0
     with pytest.raises(ValueError, match="head_fusion must be one of"):
         create("attention_rollout", vit, head_fusion="median")
+
+
+def test_attention_rollout_reads_torchvisions_multihead_attention_and_leaves_its_fast_path_alone():
+    """torchvision's vit_* blocks call nn.MultiheadAttention with need_weights=False: rollout asks for the
+    per-head weights during its own pass only. Its maps equal the formula on softmax(q k^T / sqrt(d)) per head,
+    q and k recomputed from each block's input and in_proj; afterwards the blocks run as before (no hook left,
+    same logits)."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10
+    )
+    vit = Backbone(model, name="torchvision_vit", input_size=32)
+    layers = attention_modules(vit.model)
+    assert len(layers) == 3 and all(isinstance(layer, nn.MultiheadAttention) for layer in layers)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    inputs = []
+    handles = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for layer in layers]
+    try:
+        with torch.no_grad():
+            logits = vit(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rollout = torch.eye(17).expand(2, 17, 17)
+    for layer, tokens in zip(layers, inputs, strict=True):
+        q, k, _ = F.linear(tokens, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
+        q, k = (t.reshape(2, 17, 2, 8).transpose(1, 2) for t in (q, k))  # [B, heads, N, head_dim]
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(8)).softmax(dim=-1).mean(dim=1)
+        step = 0.5 * weights + 0.5 * torch.eye(17)
+        rollout = (step / step.sum(dim=-1, keepdim=True)) @ rollout
+    expected = normalize(rollout[:, 0, 1:].reshape(2, 4, 4))
+    expected = F.interpolate(expected[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+
+    torch.testing.assert_close(create("attention_rollout", vit)(images), expected.clamp(0, 1), rtol=1e-4, atol=1e-4)
+    assert count_hooks(vit) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(vit(images), logits)

@@ -106,6 +106,11 @@ def test_a_vit_at_another_input_size_gives_the_grid_of_that_size():
     assert features["blocks.5"].shape == (1, 64, 8, 12)
 
 
+def test_a_vit_with_fewer_than_three_blocks_reads_all_of_them():
+    backbone = backbones.create("test_vit", weights=None, num_classes=10, depth=2)
+    assert backbone.default_layers == ("blocks.0", "blocks.1") and backbone.cam_layer == "blocks.1.norm1"
+
+
 def test_a_layer_that_is_not_a_token_sequence_or_map_is_refused_by_name():
     backbone = backbones.create("test_vit", weights=None, num_classes=10)
     with pytest.raises(ValueError, match=r"layer 'fc_norm' returns shape \(1, 64\), not \[B, 1 \+ 10x10 tokens, C\]"):

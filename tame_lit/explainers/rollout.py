@@ -18,13 +18,17 @@ HEAD_FUSIONS = ("mean", "max", "min")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules whose weights can be read: timm's ``Attention`` (ViT, DeiT and their
-    relatives), recognised by its ``fused_attn`` switch and the ``attn_drop`` it applies to the weights."""
+    """The self-attention modules whose weights can be read, in the order they run: timm's ``Attention`` (ViT,
+    DeiT and their relatives), recognised by its ``fused_attn`` switch and the ``attn_drop`` it applies to the
+    weights, and ``nn.MultiheadAttention`` (torchvision's ``vit_*``)."""
     return [
         module
         for module in model.modules()
-        if isinstance(getattr(module, "fused_attn", None), bool)
-        and isinstance(getattr(module, "attn_drop", None), nn.Module)
+        if isinstance(module, nn.MultiheadAttention)
+        or (
+            isinstance(getattr(module, "fused_attn", None), bool)
+            and isinstance(getattr(module, "attn_drop", None), nn.Module)
+        )
     ]
 
 
@@ -32,16 +36,29 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 def recorded_attention(modules: list[nn.Module]) -> Iterator[list[Tensor]]:
     """Record each module's attention weights ``[B, heads, N, N]`` during the passes inside the block.
 
-    Fused kernels (``scaled_dot_product_attention``) never form the weights, so each module runs its explicit
-    path while recording (``fused_attn=False``); its switch, and with it the fused kernel of normal use, comes
-    back on exit, as do the hooks (also through an exception)."""
+    Fused kernels (``scaled_dot_product_attention``, ``nn.MultiheadAttention``'s fast path) never form the
+    weights, so each module runs its explicit path while recording: timm's with ``fused_attn=False``,
+    ``nn.MultiheadAttention`` called with ``need_weights=True, average_attn_weights=False`` (its callers ask for
+    no weights). The switches, and with them the fused kernels of normal use, come back on exit, as do the hooks
+    (also through an exception)."""
     weights: list[Tensor] = []
-    switches = [(module, module.fused_attn) for module in modules]
+    switches = [(module, module.fused_attn) for module in modules if not isinstance(module, nn.MultiheadAttention)]
     handles = []
+
+    def ask_for_weights(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+    def keep_weights(_module: nn.Module, _args: tuple, output: tuple[Tensor, Tensor]) -> None:
+        weights.append(output[1])
+
     try:
         for module in modules:
-            module.fused_attn = False
-            handles.append(module.attn_drop.register_forward_hook(lambda _m, inputs, _out: weights.append(inputs[0])))
+            if isinstance(module, nn.MultiheadAttention):
+                handles.append(module.register_forward_pre_hook(ask_for_weights, with_kwargs=True))
+                handles.append(module.register_forward_hook(keep_weights))
+            else:
+                module.fused_attn = False
+                handles.append(module.attn_drop.register_forward_hook(lambda _m, inputs, _o: weights.append(inputs[0])))
         yield weights
     finally:
         for handle in handles:
@@ -59,8 +76,8 @@ class AttentionRollout(BackboneExplainer):
     without prefix tokens, which averages them, gets the mean row of the patch tokens. Class-agnostic: the
     target does not change the map (the method has no notion of a class).
 
-    Defined for transformers whose attention weights can be read (timm ViT/DeiT, ``attention_modules``);
-    refused elsewhere, saying why.
+    Defined for transformers whose attention weights can be read (timm ViT/DeiT, torchvision ``vit_*``:
+    ``attention_modules``); refused elsewhere, saying why.
     """
 
     layouts = ("tokens",)
@@ -77,7 +94,7 @@ class AttentionRollout(BackboneExplainer):
         if not self.attention_layers:
             raise ValueError(
                 f"attention_rollout found no attention module whose weights it can read in {backbone.name} (timm's "
-                "ViT/DeiT Attention; torchvision's vit_* uses nn.MultiheadAttention, not supported)"
+                "ViT/DeiT Attention or nn.MultiheadAttention)"
             )
         if head_fusion not in HEAD_FUSIONS:
             raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
