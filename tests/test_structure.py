@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"explainers"},
     {"checkpoints", "export", "loading"},
     {"training", "clean_pass", "evaluation", "callbacks", "losses", "report", "merge", "config"},
-    {"cli", "train", "evaluate", "explain"},
+    {"cli", "train", "evaluate", "explain", "known_answer"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 
