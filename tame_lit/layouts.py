@@ -57,12 +57,15 @@ class FeatureLayout:
         patches = output[:, self.prefix_tokens :]
         return patches.transpose(1, 2).reshape(output.shape[0], output.shape[2], height, width)
 
-    def from_map(self, feature_map: Tensor, output: Tensor, module: nn.Module) -> Tensor:
-        """The layer's output rebuilt from ``feature_map`` (``to_map`` of ``output``), in ``output``'s layout."""
+    def from_map(self, feature_map: Tensor, output: Tensor | None, module: nn.Module) -> Tensor:
+        """The layer's output rebuilt from ``feature_map`` (``to_map`` of ``output``), in ``output``'s layout.
+        ``output`` (the layer's own) is read only for its prefix tokens (``tokens``); elsewhere it may be None."""
         if self.kind == "spatial" or isinstance(module, nn.Conv2d):
             return feature_map
         if self.kind == "channels_last":
             return feature_map.permute(0, 2, 3, 1)
+        if output is None:
+            raise ValueError("rebuilding a token layer's output needs that output (its prefix tokens)")
         patches = feature_map.flatten(2).transpose(1, 2)
         return torch.cat([output[:, : self.prefix_tokens], patches], dim=1)
 

@@ -179,3 +179,25 @@ def test_the_t_tame_vit_experiment_reads_torchvisions_last_three_blocks_as_768x1
     assert list(shapes) == [f"encoder.layers.encoder_layer_{i}" for i in (9, 10, 11)]
     assert set(shapes.values()) == {(768, 14, 14)} and backbone.cam_layer == "encoder.layers.encoder_layer_11.ln_1"
     assert cfg.optimizer.max_lr == 1e-3 and cfg.optimizer.bias_lr_factor == 1.0 and cfg.data.batch_size == 32
+
+
+def test_ablation_cam_on_swin_reruns_only_the_tail_after_its_channels_last_layer(monkeypatch):
+    """Swin's CAM layer is [B, h, w, C]: the tail after it takes the ablated map permuted back, so Ablation-CAM
+    re-runs only that tail (the patch embedding runs once per call), with the maps of the full pass."""
+    from tame_lit.explainers import ablationcam
+
+    torch.manual_seed(0)
+    swin = backbones.create("swin_tiny_patch4_window7_224", weights=None, num_classes=10, **TINY_SWIN)
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    calls = []
+    handle = swin.model.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with_tail = explainers.create("ablationcam", swin)(images)
+        embeddings_with_tail = len(calls)
+        monkeypatch.setattr(ablationcam, "model_tail", lambda *_: None)
+        full = explainers.create("ablationcam", swin)(images)
+    finally:
+        handle.remove()
+    assert embeddings_with_tail == 1 and len(calls) - 1 > 2  # the full pass embeds once per batch of ablated channels
+    assert with_tail.amax() > 0.5
+    torch.testing.assert_close(with_tail, full, rtol=1e-4, atol=1e-4)

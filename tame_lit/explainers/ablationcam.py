@@ -64,15 +64,17 @@ class AblationCAM(LayerExplainer):
         The tail is checked once against the logits already computed, so a model that fx traced into
         something else (state read at trace time) falls back to the full pass rather than giving wrong maps.
         """
-        # a tail takes the layer's own output: with tokens or channels-last stages (tame_lit.layouts) the map is not
-        # that, so those networks take the full pass, which rebuilds the layer's output from the ablated map
-        tail = model_tail(self.backbone.model, self.layer) if self.backbone.layout.kind == "spatial" else None
+        # a tail takes the layer's own output, rebuilt from the map by the layout (tame_lit.layouts): as is for CNNs,
+        # permuted for channels-last stages (Swin). A token layer's output also holds the prefix tokens, which the map
+        # lacks, so token networks take the full pass, which rebuilds the layer's output from the ablated map.
+        layout, module = self.backbone.layout, self.backbone.layer(self.layer)
+        tail = model_tail(self.backbone.model, self.layer) if layout.kind != "tokens" else None
         if tail is not None:
             expected = logits.float()
             scale = 1e-3 * max(1.0, expected.abs().max().item())
-            if torch.allclose(tail(activations).float(), expected, rtol=1e-3, atol=scale):
-                return lambda rows, ablated: tail(ablated)
-        module = self.backbone.layer(self.layer)
+            rebuilt = layout.from_map(activations, None, module)
+            if torch.allclose(tail(rebuilt).float(), expected, rtol=1e-3, atol=scale):
+                return lambda rows, ablated: tail(layout.from_map(ablated, None, module))
         return lambda rows, ablated: self.full_pass(module, images[rows], ablated)
 
     def full_pass(self, module: nn.Module, images: Tensor, replacement: Tensor) -> Tensor:
