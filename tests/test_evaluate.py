@@ -115,6 +115,10 @@ def test_cli_writes_every_output_with_boxes_and_wandb_offline(tmp_path):
         assert 0 <= row["AD@15"] <= 100 and 0 <= row["deletion_auc"] <= 1 and 0 <= row["road_morf"] <= 1
         assert {"road_morf@25", "road_lerf@75", "pointing_game", "energy_pointing_game"} <= set(row)
         assert row["pointing_images"] == 6  # every image has a box of whatever class it is explained for
+        # issue #17's map-only and box metrics, on by default, with intervals (relevance mass: the energy game)
+        assert {"sparseness", "complexity", "relevance_rank", "box_iou", "box_iou_ci_low"} <= set(row)
+        assert row["relevance_mass"] == pytest.approx(row["energy_pointing_game"])
+        assert 0 <= row["sparseness"] <= 1 and 0 <= row["complexity"] <= math.log(64 * 64)
         assert row["AD@15_ci_low"] <= row["AD@15"] <= row["AD@15_ci_high"]  # intervals from per-image values
         assert 0 <= row["IC@15_ci_low"] <= row["IC@15"] <= row["IC@15_ci_high"] <= 100  # Wilson: a share
     # the paired comparison with the default reference (gradcam): only of the others, in metrics.json
@@ -197,7 +201,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
             assert (run_dir_of(cwd) / "evaluate_ddp_process_1.log").is_file() or "rank: 1" in result.stderr
     assert results[1]["gradcam"]["images"] == 7  # every image once: no padding by the distributed sampler
     # the same per-image values, hence the same intervals and paired comparisons (compared within 1e-6 above)
-    assert len(per_image[0]) == len(per_image[1]) == 2 * 7 * 16  # 2 explainers, 7 images, 16 per-image keys
+    assert len(per_image[0]) == len(per_image[1]) == 2 * 7 * 18  # 2 explainers, 7 images, 18 per-image keys
     for mine, theirs in zip(per_image[0], per_image[1], strict=True):
         assert mine[:3] == theirs[:3] and math.isclose(mine[3], theirs[3], abs_tol=1e-6), mine
     assert {"AD@15_ci_low", "road_morf_ci_high"} <= set(results[1]["gradcam"])
@@ -404,6 +408,9 @@ def test_a_registered_metric_reaches_every_output_without_editing_the_evaluation
     overrides = [*TINY_OVERRIDES, "data=folder", f"data.root={data}", "data.num_workers=0", "logger=none"]
     overrides += ["explainers=[gradcam,random]", "+metrics={map_mass: {scale: 2.0}}", "~metrics.road"]
     overrides += ["~metrics.deletion", "~metrics.pointing", "metrics.ad_ic.keep=[0.5]"]
+    overrides += [
+        f"~metrics.{name}" for name in ("sparseness", "complexity", "relevance_mass", "relevance_rank", "box_iou")
+    ]
     cfg = compose_train(overrides, tmp_path / "run", config="evaluate")
     results = evaluate(cfg)
     run_dir = tmp_path / "run"

@@ -23,22 +23,30 @@ from tame_lit.metrics.base import (
     class_probability,
     probabilities,
 )
+from tame_lit.metrics.complexity import Complexity
 from tame_lit.metrics.deletion import DeletionInsertion
 from tame_lit.metrics.imputation import linear_impute, noisy_linear_impute
+from tame_lit.metrics.localisation import BoxIoU, RelevanceMass, RelevanceRank
 from tame_lit.metrics.pointing import PointingGame
 from tame_lit.metrics.road import RoadScore
+from tame_lit.metrics.sparseness import Sparseness
 
 __all__ = [
     "METRICS",
     "AverageDropIncrease",
+    "BoxIoU",
     "Column",
+    "Complexity",
     "Curve",
     "DeletionInsertion",
     "FaithfulnessMetric",
     "Model",
     "PointingGame",
+    "RelevanceMass",
+    "RelevanceRank",
     "RoadScore",
     "ScoredBatch",
+    "Sparseness",
     "available",
     "class_probability",
     "create",

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from tame_lit.metrics.base import METRICS, Column, FaithfulnessMetric, ScoredBatch
 
-__all__ = ["PointingGame", "box_mask"]
+__all__ = ["PointingGame", "box_mask", "class_boxes", "mass_inside"]
 
 
 def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
@@ -17,6 +17,20 @@ def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
     inside_x = (xs >= boxes[:, 0:1]) & (xs <= boxes[:, 2:3])  # [n, W]
     inside_y = (ys >= boxes[:, 1:2]) & (ys <= boxes[:, 3:4])  # [n, H]
     return (inside_y[:, :, None] & inside_x[:, None, :]).any(dim=0)
+
+
+def class_boxes(image_boxes: Tensor, target: int) -> Tensor:
+    """``[m, 4]`` (x0, y0, x1, y1): the boxes of class ``target`` among an image's ``[n, 5]`` rows."""
+    image_boxes = image_boxes.float().view(-1, 5)
+    return image_boxes[image_boxes[:, 0] == target, 1:]
+
+
+def mass_inside(image_map: Tensor, mask: Tensor) -> float:
+    """Share of the map's non-negative sum inside ``mask`` ``[H, W]`` (the energy-based pointing game, relevance
+    mass accuracy); 0 for a blank map."""
+    positive = image_map.clamp_min(0)
+    total = positive.sum()
+    return float(positive[mask].sum() / total) if total > 0 else 0.0
 
 
 @METRICS.register("pointing")
@@ -51,8 +65,7 @@ class PointingGame(FaithfulnessMetric):
         for row, (image_map, target, image_boxes) in enumerate(
             zip(maps.float(), batch.targets.tolist(), boxes, strict=True)
         ):
-            image_boxes = image_boxes.to(maps.device).float().view(-1, 5)
-            own = image_boxes[image_boxes[:, 0] == target, 1:]
+            own = class_boxes(image_boxes.to(maps.device), target)
             if own.numel() == 0:
                 continue
             counted.append(row)
@@ -61,9 +74,7 @@ class PointingGame(FaithfulnessMetric):
             dx = torch.clamp(torch.maximum(own[:, 0] - x, x - own[:, 2]), min=0)
             dy = torch.clamp(torch.maximum(own[:, 1] - y, y - own[:, 3]), min=0)
             hits.append(float((dx.square() + dy.square()).sqrt().min() <= self.tolerance))
-            total = image_map.clamp_min(0).sum()
-            inside = image_map.clamp_min(0)[box_mask(own, height, width)].sum()
-            energies.append(float(inside / total) if total > 0 else 0.0)
+            energies.append(mass_inside(image_map, box_mask(own, height, width)))
         self.hits = self.hits + sum(hits)
         self.energy = self.energy + sum(energies)
         self.count = self.count + len(counted)

@@ -1,0 +1,48 @@
+"""Complexity (Bhatt et al., IJCAI 2020): the entropy of a map's values as a distribution over its pixels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from tame_lit.metrics.base import METRICS, Column, FaithfulnessMetric, ScoredBatch
+
+__all__ = ["Complexity", "map_entropy"]
+
+
+def map_entropy(maps: Tensor) -> Tensor:
+    """``[B]`` entropy (nats) of each map ``[B, H, W]`` (non-negative) read as the distribution
+    p = a / sum(a) over its n pixels: -sum p log p, from 0 (one pixel) to log n (a constant map). A blank map
+    has no distribution; it gets log n, as uninformative as a constant one."""
+    values = maps.flatten(1).double().clamp_min(0)
+    total = values.sum(dim=1, keepdim=True)
+    shares = values / total.clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -torch.where(shares > 0, shares * shares.log(), torch.zeros_like(shares)).sum(dim=1)
+    return torch.where(total[:, 0] > 0, entropy, torch.full_like(entropy, math.log(values.shape[1])))
+
+
+@METRICS.register("complexity")
+class Complexity(FaithfulnessMetric):
+    """Mean entropy of the maps (lower: a simpler, more concentrated explanation). A property of the maps alone
+    (no model pass); Quantus's ``Complexity`` computes the same, with 1e-12 inside the logarithm."""
+
+    higher_is_better = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(per_image_keys=("complexity",), **kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, batch: ScoredBatch) -> None:
+        values = map_entropy(batch.maps)
+        self.total = self.total + values.sum()
+        self.count = self.count + values.numel()
+        self.record(batch.indices, complexity=values)
+
+    def compute(self) -> dict[str, float]:
+        return {"complexity": float(self.total) / int(self.count)} if int(self.count) else {}
+
+    def columns(self) -> list[Column]:
+        return [Column("complexity", "Complexity ↓", False)]
