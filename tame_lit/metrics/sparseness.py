@@ -25,7 +25,7 @@ def gini_index(maps: Tensor) -> Tensor:
 @METRICS.register("sparseness")
 class Sparseness(FaithfulnessMetric):
     """Mean Gini index of the maps (higher: fewer pixels carry the map's mass). A property of the maps alone (no
-    model pass); Quantus's ``Sparseness`` computes it on the maps plus 1e-7 (README: "Beyond faithfulness")."""
+    model pass); Quantus's ``Sparseness`` computes it on the maps plus 1e-7 (the README's metric table)."""
 
     higher_is_better = True
 
