@@ -70,8 +70,10 @@ def test_evaluate_with_compile_and_channels_last_scores_as_eager(tmp_path):
         rows[name] = evaluate(compose_train(overrides, tmp_path / name, config="evaluate"))["gradcam"]
     compared = [key for key in rows["eager"] if "seconds" not in key]
     assert {"AD@15", "deletion_auc", "road_morf_probability"} <= set(compared)
-    for key in compared:  # measured: AD within 0.021 points (pixels tied at the top-p threshold), the rest 4e-6
-        tolerance = {"abs": 0.1} if key.startswith("AD@") else {"rel": 1e-4, "abs": 1e-4}
+    for key in compared:  # measured: AD within 0.021 points (pixels tied at the top-p threshold), the rest 4e-6;
+        # a 4-image BCa interval amplifies that: complexity's bounds (values 7.99-8.00) moved by 4e-4 relative
+        tolerance = {"rel": 1e-3, "abs": 1e-3} if "_ci_" in key else {"rel": 1e-4, "abs": 1e-4}
+        tolerance = {"abs": 0.1} if key.startswith("AD@") else tolerance
         assert rows["fast"][key] == pytest.approx(rows["eager"][key], **tolerance), key
 
 
