@@ -34,6 +34,7 @@ __all__ = [
     "Column",
     "Curve",
     "FaithfulnessMetric",
+    "ImageMean",
     "Model",
     "ScoredBatch",
     "class_probability",
@@ -237,6 +238,33 @@ class FaithfulnessMetric(Metric):
             for key in self.per_image_keys:
                 result[key] = _cat(getattr(self, _state_name(key)), torch.float64)
         return result
+
+
+class ImageMean(FaithfulnessMetric):
+    """A metric that is the mean of one value per image (``key``, shown as ``title``, direction
+    ``higher_is_better``): subclasses compute the values in ``update`` and hand them to ``add``."""
+
+    key: ClassVar[str]
+    title: ClassVar[str]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(per_image_keys=(self.key,), **kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def add(self, indices: Tensor, values: Tensor) -> None:
+        """Count ``values`` ``[n]`` of the images ``indices`` ``[n]`` in the mean and keep them per image."""
+        values = values.double()
+        self.total = self.total + values.sum()
+        self.count = self.count + values.numel()
+        self.record(indices, **{self.key: values})
+
+    def compute(self) -> dict[str, float]:
+        """The mean over the images counted; nothing when there was none."""
+        return {self.key: float(self.total) / int(self.count)} if int(self.count) else {}
+
+    def columns(self) -> list[Column]:
+        return [Column(self.key, self.title, self.higher_is_better)]
 
 
 # name -> metric class; each metric's file registers itself (``@METRICS.register("name")``)

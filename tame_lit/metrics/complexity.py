@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from tame_lit.metrics.base import METRICS, Column, FaithfulnessMetric, ScoredBatch
+from tame_lit.metrics.base import METRICS, ImageMean, ScoredBatch
 
 __all__ = ["Complexity", "map_entropy"]
 
@@ -24,25 +24,13 @@ def map_entropy(maps: Tensor) -> Tensor:
 
 
 @METRICS.register("complexity")
-class Complexity(FaithfulnessMetric):
+class Complexity(ImageMean):
     """Mean entropy of the maps (lower: a simpler, more concentrated explanation). A property of the maps alone
     (no model pass); Quantus's ``Complexity`` computes the same, with 1e-12 inside the logarithm."""
 
     higher_is_better = False
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(per_image_keys=("complexity",), **kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+    key = "complexity"
+    title = "Complexity ↓"
 
     def update(self, batch: ScoredBatch) -> None:
-        values = map_entropy(batch.maps)
-        self.total = self.total + values.sum()
-        self.count = self.count + values.numel()
-        self.record(batch.indices, complexity=values)
-
-    def compute(self) -> dict[str, float]:
-        return {"complexity": float(self.total) / int(self.count)} if int(self.count) else {}
-
-    def columns(self) -> list[Column]:
-        return [Column("complexity", "Complexity ↓", False)]
+        self.add(batch.indices, map_entropy(batch.maps))

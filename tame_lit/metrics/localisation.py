@@ -7,13 +7,11 @@ those boxes, and keeps each image's value.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor
 
 from tame_lit.maps import top_set
-from tame_lit.metrics.base import METRICS, Column, FaithfulnessMetric, ScoredBatch
+from tame_lit.metrics.base import METRICS, ImageMean, ScoredBatch
 from tame_lit.metrics.pointing import box_mask, class_boxes, mass_inside
 
 __all__ = ["BoxIoU", "BoxLocalisation", "RelevanceMass", "RelevanceRank", "top_k_inside"]
@@ -27,18 +25,12 @@ def top_k_inside(image_map: Tensor, mask: Tensor) -> float:
     return float(mask.flatten()[order].float().mean())
 
 
-class BoxLocalisation(FaithfulnessMetric):
+class BoxLocalisation(ImageMean):
     """The shared loop: for each image with a box of its explained class, ``score(map, mask)`` against the union
-    mask of those boxes. ``boxes``: per image ``[n, 5]`` rows (class, x0, y0, x1, y1) in the map's pixels."""
+    mask of those boxes (the mean is over those images). ``boxes``: per image ``[n, 5]`` rows (class, x0, y0,
+    x1, y1) in the map's pixels."""
 
-    key: ClassVar[str]
-    title: ClassVar[str]
     higher_is_better = True
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(per_image_keys=(self.key,), **kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def score(self, image_map: Tensor, mask: Tensor) -> float:
         raise NotImplementedError
@@ -55,16 +47,7 @@ class BoxLocalisation(FaithfulnessMetric):
                 continue
             rows.append(row)
             values.append(self.score(image_map, box_mask(own, height, width)))
-        self.total = self.total + sum(values)
-        self.count = self.count + len(values)
-        self.record(batch.indices[rows], **{self.key: torch.tensor(values, dtype=torch.float64)})
-
-    def compute(self) -> dict[str, float]:
-        """The mean over the images with a box of their class; nothing when there was none."""
-        return {self.key: float(self.total) / int(self.count)} if int(self.count) else {}
-
-    def columns(self) -> list[Column]:
-        return [Column(self.key, self.title, True)]
+        self.add(batch.indices[rows], torch.tensor(values, dtype=torch.float64))
 
 
 @METRICS.register("relevance_mass")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tame_lit.metrics.base import METRICS, Column, FaithfulnessMetric, ScoredBatch
+from tame_lit.metrics.base import METRICS, ImageMean, ScoredBatch
 
 __all__ = ["Sparseness", "gini_index"]
 
@@ -23,25 +23,13 @@ def gini_index(maps: Tensor) -> Tensor:
 
 
 @METRICS.register("sparseness")
-class Sparseness(FaithfulnessMetric):
+class Sparseness(ImageMean):
     """Mean Gini index of the maps (higher: fewer pixels carry the map's mass). A property of the maps alone (no
     model pass); Quantus's ``Sparseness`` computes it on the maps plus 1e-7 (the README's metric table)."""
 
     higher_is_better = True
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(per_image_keys=("sparseness",), **kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+    key = "sparseness"
+    title = "Sparseness ↑"
 
     def update(self, batch: ScoredBatch) -> None:
-        values = gini_index(batch.maps)
-        self.total = self.total + values.sum()
-        self.count = self.count + values.numel()
-        self.record(batch.indices, sparseness=values)
-
-    def compute(self) -> dict[str, float]:
-        return {"sparseness": float(self.total) / int(self.count)} if int(self.count) else {}
-
-    def columns(self) -> list[Column]:
-        return [Column("sparseness", "Sparseness ↑", True)]
+        self.add(batch.indices, gini_index(batch.maps))
