@@ -571,8 +571,20 @@ def _explain(error: Exception) -> str:
         return (f"{heading}: wrong type for '{full_key}': {reason}\nvalid keys of "
                 f"{repr(where) if where else 'the top level'} {valid}")  # fmt: skip
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-        return f"{heading}: {_unknown(full_key, where, valid)}"
+        return f"{heading}: {_unknown(full_key, where, valid)}{_opt_in_hint(where)}"
     return str(error)
+
+
+def _opt_in_hint(where: str) -> str:
+    """For an option of a metric that is off by default (its node is ``false``): how to turn it on with options."""
+    group, _, name = where.partition(".")
+    if group != "metrics" or name not in METRIC_SCHEMAS or metrics.METRICS[name].default_enabled:
+        return ""
+    options = ", ".join(f.name for f in dataclasses.fields(METRIC_SCHEMAS[name]))
+    return (
+        f"\n'{where}' is off by default (expensive): turn it on with options as '{where}={{option: value, ...}}' "
+        f"(options: {options}), or '{where}=true' for its defaults"
+    )
 
 
 def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:

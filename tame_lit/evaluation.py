@@ -247,7 +247,14 @@ class EvaluationModule(L.LightningModule):
                 self.timing[name][timer].update(time.perf_counter() - started)
                 self.timing[name][f"{timer}_images"].update(float(chosen.images.shape[0]))
                 scored = ScoredBatch(
-                    self.backbone, chosen.images, maps, chosen.predictions, chosen.indices, chosen.boxes, chosen.logits
+                    self.backbone,
+                    chosen.images,
+                    maps,
+                    chosen.predictions,
+                    chosen.indices,
+                    chosen.boxes,
+                    chosen.logits,
+                    explainer=explainer,
                 )
                 with torch.no_grad():
                     for metric in self.scores[name].values():

@@ -154,6 +154,9 @@ def test_unknown_explainer_options_stop_evaluate(capsys, no_backbone):
     assert "unknown key 'explainer.r2.num_maskz'" in message and "num_masks: int" in message
     for argv in (["+heads.tame.checkpointt=p"], ["+heads.mine.checkpointt=p"]):
         assert "checkpoint: str | None" in refused(capsys, "evaluate", argv)
+    # an expensive metric is off (false): its options alone are refused with how to turn it on
+    message = refused(capsys, "evaluate", ["metrics.max_sensitivity.samples=3"])
+    assert "'metrics.max_sensitivity={option: value, ...}' (options: radius, samples, chunk_size)" in message
 
 
 @pytest.mark.parametrize(
@@ -170,6 +173,7 @@ def test_unknown_explainer_options_stop_evaluate(capsys, no_backbone):
         ("train", ["experiment=lite0_imagenette_best", "--cfg", "job"]),
         ("evaluate", ["+explainer.ge_scorecam={name: ge, base: scorecam, batch_size: 8}", "+heads.x.checkpoint=p"]),
         ("evaluate", ["comparison=lite0_imagenette", "heads.best.checkpoint=p", "--cfg", "job"]),
+        ("evaluate", ["metrics.randomisation=true", "metrics.max_sensitivity={samples: 3, radius: 0.1}"]),
     ],
 )
 def test_valid_command_lines_pass_the_check(config, argv, no_backbone):

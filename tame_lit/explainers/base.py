@@ -5,6 +5,7 @@ to a layer, map post-processing)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
@@ -139,6 +140,26 @@ class BackboneExplainer(Explainer):
     def to(self, device: str | torch.device) -> BackboneExplainer:
         self.backbone.to(device)
         return self
+
+    def on_backbone(self, backbone: Backbone) -> BackboneExplainer:
+        """This explainer, settings and all, on ``backbone``: another copy of the same architecture (the
+        randomisation test's randomised model). Every reference to this backbone, its modules, parameters and
+        buffers (a CAM classifier, rollout's attention modules, a nested base method) points to the other's;
+        the rest (a trained head) is copied, so neither explainer changes the other."""
+        own, other = dict(self.backbone.named_modules()), dict(backbone.named_modules())
+        if own.keys() != other.keys():
+            raise ValueError(
+                f"on_backbone needs a copy of {self.backbone.name!r} (the same modules); it differs in "
+                f"{sorted(own.keys() ^ other.keys())[:5]}"
+            )
+        memo: dict[int, object] = {id(self.backbone): backbone}
+        for name, module in own.items():
+            memo[id(module)] = other[name]
+            for tensors in ("_parameters", "_buffers"):
+                for key, tensor in getattr(module, tensors).items():
+                    if tensor is not None:
+                        memo[id(tensor)] = getattr(other[name], tensors)[key]
+        return copy.deepcopy(self, memo)
 
     def predict(self, images: Tensor) -> Tensor:
         self.check_images(images)

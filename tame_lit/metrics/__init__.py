@@ -17,10 +17,13 @@ from tame_lit.metrics.base import (
     METRICS,
     Column,
     Curve,
+    Explains,
     FaithfulnessMetric,
     Model,
     ScoredBatch,
     class_probability,
+    explain_in_chunks,
+    hashed_seed,
     probabilities,
 )
 from tame_lit.metrics.complexity import Complexity
@@ -28,20 +31,28 @@ from tame_lit.metrics.deletion import DeletionInsertion
 from tame_lit.metrics.imputation import linear_impute, noisy_linear_impute
 from tame_lit.metrics.localisation import BoxIoU, RelevanceMass, RelevanceRank
 from tame_lit.metrics.pointing import PointingGame
+from tame_lit.metrics.randomisation import ModelRandomisation, RandomLogit
 from tame_lit.metrics.road import RoadScore
+from tame_lit.metrics.robustness import AvgSensitivity, LocalLipschitz, MaxSensitivity
 from tame_lit.metrics.sparseness import Sparseness
 
 __all__ = [
     "METRICS",
     "AverageDropIncrease",
+    "AvgSensitivity",
     "BoxIoU",
     "Column",
     "Complexity",
     "Curve",
     "DeletionInsertion",
+    "Explains",
     "FaithfulnessMetric",
+    "LocalLipschitz",
+    "MaxSensitivity",
     "Model",
+    "ModelRandomisation",
     "PointingGame",
+    "RandomLogit",
     "RelevanceMass",
     "RelevanceRank",
     "RoadScore",
@@ -50,6 +61,8 @@ __all__ = [
     "available",
     "class_probability",
     "create",
+    "explain_in_chunks",
+    "hashed_seed",
     "linear_impute",
     "masked_probability",
     "noisy_linear_impute",

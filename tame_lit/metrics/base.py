@@ -16,11 +16,12 @@ many images, in chunks).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,16 +34,33 @@ __all__ = [
     "METRICS",
     "Column",
     "Curve",
+    "Explains",
     "FaithfulnessMetric",
     "ImageMean",
     "Model",
     "ScoredBatch",
     "class_probability",
+    "explain_in_chunks",
+    "hashed_seed",
     "probabilities",
 ]
 
 # images in [0, 1], [N, 3, H, W] -> logits [N, classes] (a tame-lit Backbone is one)
 Model = Callable[[Tensor], Tensor]
+_Value = TypeVar("_Value")
+
+
+class Explains(Protocol):
+    """What the metrics that explain again (robustness, sanity checks) need of the explainer: its call,
+    ``explainer(images, targets) -> maps [N, H, W]`` (a tame-lit ``Explainer`` is one)."""
+
+    def __call__(self, images: Tensor, targets: Tensor | None = None) -> Tensor: ...
+
+
+def hashed_seed(key: str) -> int:
+    """A 63-bit seed from a string naming one random draw (run seed, image index, level, copy, layer): the same in
+    every batch, process and run, unlike Python's ``hash`` of a string, which is salted per process."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def class_probability(logits: Tensor, targets: Tensor) -> Tensor:
@@ -68,6 +86,18 @@ def probabilities(model: Model, images: Tensor, targets: Tensor, chunk_size: int
     return torch.cat(parts) if parts else images.new_zeros(0, dtype=torch.float32)
 
 
+def explain_in_chunks(explainer: Explains, images: Tensor, targets: Tensor, chunk_size: int = 64) -> Tensor:
+    """``explainer(images, targets)`` with at most ``chunk_size`` images per call: ``[N, H, W]`` (explainers treat
+    each image on its own, so chunking bounds memory without changing a value)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    parts = [
+        explainer(images[start : start + chunk_size], targets[start : start + chunk_size])
+        for start in range(0, images.shape[0], chunk_size)
+    ]
+    return torch.cat(parts) if parts else images.new_zeros(0, *images.shape[-2:])
+
+
 @dataclass(eq=False)
 class ScoredBatch:
     """One batch of explanations, as every metric receives it.
@@ -77,7 +107,8 @@ class ScoredBatch:
     ``indices`` ``[B]`` each image's dataset index (per-image values and noise seeds follow it; default
     ``0..B-1``); ``boxes``: per image ``[n, 5]`` rows (class, x0, y0, x1, y1) when the data has boxes;
     ``clean_logits``: the model's logits on the clean images, when the caller already has them (else one
-    forward pass, shared by every metric of the batch).
+    forward pass, shared by every metric of the batch); ``explainer``: what made the maps, for the metrics
+    that explain other images or classes (``explain``).
     """
 
     model: Model
@@ -87,6 +118,9 @@ class ScoredBatch:
     indices: Tensor | None = None
     boxes: Sequence[Tensor] | None = None
     clean_logits: Tensor | None = field(default=None, repr=False)
+    explainer: Explains | None = field(default=None, repr=False)
+    # work that several metrics of the batch share (``shared``), e.g. the maps of noisy copies
+    _shared: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -121,6 +155,22 @@ class ScoredBatch:
             return self.clean_logits
         with torch.no_grad():
             return self.model(self.images)
+
+    def explain(self, images: Tensor, targets: Tensor, chunk_size: int = 64) -> Tensor:
+        """The explainer's maps ``[N, H, W]`` of ``images`` for ``targets``, ``chunk_size`` images per call
+        (explainers treat each image on its own, so chunking changes no value)."""
+        if self.explainer is None:
+            raise ValueError(
+                "this metric explains other images or classes: give ScoredBatch the explainer (explainer=...)"
+            )
+        return explain_in_chunks(self.explainer, images, targets, chunk_size)
+
+    def shared(self, key: Hashable, compute: Callable[[], _Value]) -> _Value:
+        """``compute()``, done once per batch for each ``key``: metrics that need the same work (the same noisy
+        copies and their maps) name it by the same key and the second one reads the first one's result."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
 
     @cached_property
     def clean_probs(self) -> Tensor:

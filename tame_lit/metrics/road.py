@@ -3,14 +3,13 @@ and filling them by noisy linear imputation (``imputation.py``), batched on any 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tame_lit.metrics.base import METRICS, Column, Curve, FaithfulnessMetric, ScoredBatch, probabilities
+from tame_lit.metrics.base import METRICS, Column, Curve, FaithfulnessMetric, ScoredBatch, hashed_seed, probabilities
 from tame_lit.metrics.imputation import noisy_linear_impute
 
 __all__ = ["ORDERS", "RoadScore", "noise_seed", "removal_ranks"]
@@ -20,10 +19,8 @@ _TITLES = {"morf": "MoRF", "lerf": "LeRF"}
 
 
 def noise_seed(seed: int, index: int, level: float, order: str) -> int:
-    """A 63-bit seed for one image's noise at one ROAD level: a hash of what identifies the draw, so it is
-    the same in every batch, process and run (Python's ``hash`` of a string is salted per process)."""
-    key = f"{seed}/{index}/{float(level)!r}/{order}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+    """The seed of one image's noise at one ROAD level (``hashed_seed`` of what identifies the draw)."""
+    return hashed_seed(f"{seed}/{index}/{float(level)!r}/{order}")
 
 
 def removal_ranks(maps: Tensor, order: str) -> Tensor:
