@@ -181,12 +181,13 @@ def test_numbers_do_not_depend_on_the_batch_size(tmp_path):
 
 
 def test_two_processes_give_the_numbers_of_one(tmp_path):
-    data = image_folder(tmp_path / "images")
+    data = image_folder(tmp_path / "images", boxes=tmp_path / "boxes")
     common = [
         *TINY_OVERRIDES,
         *FAST_METRICS,
         "data=folder",
         f"data.root={data}",
+        f"data.boxes_dir={tmp_path / 'boxes'}",
         "data.batch_size=1",
         "explainers=[gradcam,random]",
         "logger=none",
@@ -211,10 +212,11 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
             assert (run_dir_of(cwd) / "evaluate_ddp_process_1.log").is_file() or "rank: 1" in result.stderr
     assert results[1]["gradcam"]["images"] == 7  # every image once: no padding by the distributed sampler
     # the same per-image values, hence the same intervals and paired comparisons (compared within 1e-6 above)
-    # 2 explainers, 7 images, 24 per-image keys (the sensitivities leave out images with a blank map)
+    # 2 explainers, 7 images, 29 per-image keys (the sensitivities leave out images with a blank map)
     keys = {row[1] for row in per_image[1]}
     assert {"randomisation", "randomisation_ssim", "random_logit", "max_sensitivity", "local_lipschitz"} <= keys
-    assert len(keys) == 24 and len(per_image[0]) == len(per_image[1]) > 2 * 7 * 22
+    assert {"pointing_game", "relevance_mass", "relevance_rank", "box_iou"} <= keys  # with boxes
+    assert len(keys) == 29 and len(per_image[0]) == len(per_image[1]) > 2 * 7 * 27
     for mine, theirs in zip(per_image[0], per_image[1], strict=True):
         relative = 1e-4 if mine[1] in ROBUSTNESS_KEYS else 0.0
         assert mine[:3] == theirs[:3] and math.isclose(mine[3], theirs[3], rel_tol=relative, abs_tol=1e-6), mine
