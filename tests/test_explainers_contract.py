@@ -172,3 +172,24 @@ def test_on_a_tiny_vit_maps_are_in_range_batch_independent_and_leave_the_model_a
         model.blocks[2].eval()
         model.blocks[1].attn.qkv.weight.requires_grad_(False)
         model.blocks[1].attn.qkv.weight.grad = None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_on_backbone_runs_the_same_method_on_a_copy_and_only_there(name, backbone, vit):
+    """What the randomisation test relies on: ``on_backbone(copy)`` explains with the copy's weights (the same maps
+    while the copy is equal; other maps once it is randomised) and the original explainer keeps its own model."""
+    from tame_lit.metrics.randomisation import randomise, randomised_copy
+
+    network = vit if name == "attention_rollout" else backbone
+    size = 160 if network is vit else 64
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    explainer = make(name, network)
+    maps = explainer(images)
+    copy = randomised_copy(network)
+    moved = explainer.on_backbone(copy)
+    torch.testing.assert_close(moved(images), maps, rtol=1e-4, atol=1e-4)
+    randomise(copy.model, 1)
+    if name != "random":  # the model-blind baseline: the same maps whatever the weights
+        assert not torch.allclose(moved(images), maps, atol=1e-3)
+    torch.testing.assert_close(explainer(images), maps, rtol=1e-4, atol=1e-4)
+    assert count_hooks(network.model) == 0 and count_hooks(copy.model) == 0
