@@ -4,10 +4,13 @@ Same model, same layer, same images (real photos from ../shared/data when presen
 top-1 class). Fast methods (one forward and at most one backward) run on a batch of ``--batch`` images;
 the perturbation methods (Score-CAM, Ablation-CAM, RISE, SISE), whose cost is hundreds to thousands of
 forward passes per image, on ``--slow-batch`` images. pytorch-grad-cam (``pip install grad-cam``, an
-optional benchmark dependency) is measured for the methods it also has, when it is installed.
+optional benchmark dependency) is measured for the methods it also has, when it is installed. The trained heads
+(``--heads``, default TAME and SA-CAM) are timed as ``HeadExplainer`` with freshly built weights: one backbone pass
+and the head, the same cost as a trained head's.
 
     python benchmarks/explainer_throughput.py [--device cuda] [--batch 16] [--slow-batch 1]
-        [--backbones efficientnet_lite0 resnet50 vit_b16 swin_tiny] [--methods gradcam ...] [--rise-masks 4000]
+        [--backbones efficientnet_lite0 resnet50 vit_b16 swin_tiny] [--methods gradcam ... | none]
+        [--heads tame sacam | none] [--rise-masks 4000]
 
 Backbones other than EfficientNet-Lite0 use random weights (speed does not depend on them). On transformers
 (``vit_b16``, ``deit_small``, ``swin_tiny``) the methods are those defined for their layout, and pytorch-grad-cam
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from common import benchmark_parser, steady_allocator
 
-from tame_lit import backbones, explainers
+from tame_lit import backbones, explainers, heads
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 SLOW = {"scorecam", "ablationcam", "rise", "sise"}
@@ -106,6 +109,7 @@ def main() -> None:
     parser = benchmark_parser(__doc__, batch=16)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
     parser.add_argument("--methods", nargs="+", help="default: every method defined for the backbone but random")
+    parser.add_argument("--heads", nargs="+", default=["tame", "sacam"], help="trained heads to time (none: no head)")
     parser.add_argument("--slow-batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rise-masks", type=int, default=4000)
@@ -128,6 +132,12 @@ def main() -> None:
         rows.append((backbone_name, "plain forward", f"{forward:.1f}", "1.00", "", ""))
         print(f"{backbone_name:>18} {'plain forward':>18}: {forward:.3g}/s", flush=True)
         methods = args.methods or [m for m in explainers.defined_for(backbone.layout.kind) if m != "random"]
+        methods = [] if methods == ["none"] else methods
+        for head in [] if args.heads == ["none"] else args.heads:
+            explainer = explainers.HeadExplainer(backbone, heads.create(head, backbone).to(args.device).eval())
+            mine = args.batch / seconds(lambda e=explainer, x=fast_images: e(x), args.repeats, args.device)
+            rows.append((backbone_name, f"{head} head", f"{mine:.3g}", f"{mine / forward:.3f}", "", ""))
+            print(f"{backbone_name:>18} {head + ' head':>18}: {mine:.3g}/s", flush=True)
         for name in methods:
             slow = name in SLOW
             images = fast_images[: args.slow_batch] if slow else fast_images
