@@ -20,9 +20,13 @@ __all__ = ["BoxIoU", "BoxLocalisation", "RelevanceMass", "RelevanceRank", "top_k
 def top_k_inside(image_map: Tensor, mask: Tensor) -> float:
     """Share of the map's K highest pixels inside ``mask``, K = the mask's pixel count (ties broken by position:
     the earlier pixel ranks first)."""
-    count = int(mask.sum())
-    order = torch.argsort(image_map.flatten(), descending=True, stable=True)[:count]
-    return float(mask.flatten()[order].float().mean())
+    values, inside = image_map.flatten(), mask.flatten()
+    count = int(inside.sum())
+    # the K-th highest value by selection (no sort): the pixels above it, then the first of those equal to it
+    threshold = torch.kthvalue(values, values.numel() - count + 1).values
+    above, tied = values > threshold, values == threshold
+    chosen = above | (tied & (tied.cumsum(0) <= count - int(above.sum())))
+    return int((chosen & inside).sum()) / count
 
 
 class BoxLocalisation(ImageMean):

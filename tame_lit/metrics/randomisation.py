@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.utilities.data import dim_zero_cat
 
 from tame_lit.metrics.base import (
@@ -37,6 +36,7 @@ __all__ = [
     "MODES",
     "ModelRandomisation",
     "RandomLogit",
+    "average_ranks",
     "randomisation_layers",
     "randomise",
     "randomised_copy",
@@ -49,12 +49,33 @@ log = logging.getLogger(__name__)
 MODES = ("cascading", "independent")
 
 
-def rank_correlation(maps: Tensor, others: Tensor) -> Tensor:
+def average_ranks(maps: Tensor) -> Tensor:
+    """``[B, n]`` float64 rank (1..n) of each value of each map ``[B, ...]`` among its map's values, ties given their
+    average rank (scipy's ``rankdata``), for the whole batch at once (torchmetrics ranks one column at a time, in a
+    Python loop over the tied values: as slow as the Grad-CAM pass it scores)."""
+    values = maps.flatten(1)
+    count = values.shape[1]
+    ordered, order = values.sort(dim=1, stable=True)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    groups = starts.long().cumsum(dim=1) - 1  # each sorted value's run of equal values
+    positions = torch.arange(1, count + 1, dtype=torch.float64, device=values.device).expand_as(groups)
+    totals = torch.zeros_like(positions).scatter_add_(1, groups, positions)
+    sizes = torch.zeros_like(positions).scatter_add_(1, groups, torch.ones_like(positions))
+    mean_positions = (totals / sizes.clamp_min(1)).gather(1, groups)
+    return torch.empty_like(mean_positions).scatter_(1, order, mean_positions)
+
+
+def rank_correlation(maps: Tensor, others: Tensor, maps_ranks: Tensor | None = None) -> Tensor:
     """``[B]`` Spearman rank correlation of each pair of maps ``[B, H, W]`` (ties get their average rank, as
     scipy's). Where it is undefined, a constant map, it is 1 for two equal maps and 0 otherwise (scipy: NaN).
-    Float64: ranks of 50,176 pixels overflow float32 sums."""
-    a, b = maps.flatten(1).double(), others.flatten(1).double()
-    correlation = spearman_corrcoef(a.T, b.T).reshape(a.shape[0])
+    ``maps_ranks``: ``average_ranks(maps)`` when the caller already has them (one map against many). Float64:
+    sums over the ranks of 50,176 pixels overflow float32's precision."""
+    a, b = maps.flatten(1), others.flatten(1)
+    ranks_a = average_ranks(a) if maps_ranks is None else maps_ranks
+    ranks_a, ranks_b = ranks_a - ranks_a.mean(dim=1, keepdim=True), average_ranks(b)
+    ranks_b = ranks_b - ranks_b.mean(dim=1, keepdim=True)
+    correlation = (ranks_a * ranks_b).sum(dim=1) / (ranks_a.norm(dim=1) * ranks_b.norm(dim=1)).clamp_min(1e-300)
     constant = (a == a[:, :1]).all(dim=1) | (b == b[:, :1]).all(dim=1)
     equal = (a == b).all(dim=1).double()
     return torch.where(constant, equal, correlation)
@@ -68,7 +89,8 @@ def ssim(maps: Tensor, others: Tensor, window: int = 7, data_range: float = 1.0)
     window = min(window, *maps.shape[-2:])
     window -= 1 - window % 2  # odd, as scikit-image requires
     a, b = maps[:, None].double(), others[:, None].double()
-    means = F.avg_pool2d(torch.cat([a, b, a * a, b * b, a * b]), window, stride=1).split(a.shape[0])
+    stacked = torch.cat([a, b, a * a, b * b, a * b])  # the window's means: one box filter, rows then columns
+    means = F.avg_pool2d(F.avg_pool2d(stacked, (window, 1), stride=1), (1, window), stride=1).split(a.shape[0])
     mean_a, mean_b, mean_aa, mean_bb, mean_ab = means
     correction = window * window / (window * window - 1)  # sample covariances
     var_a = (mean_aa - mean_a**2) * correction
@@ -194,6 +216,7 @@ class ModelRandomisation(FaithfulnessMetric):
         targets, indices = batch.targets, batch.indices
         rerun = batch.explain(batch.images, targets, self.chunk_size)
         correlations, similarities = [], []
+        reference = average_ranks(batch.maps)  # ranked once, compared with every layer's maps
         top_down = list(reversed(layers))
         model, randomised = None, explainer
         for unit in top_down:
@@ -202,13 +225,13 @@ class ModelRandomisation(FaithfulnessMetric):
                 randomised = explainer.on_backbone(model)
             randomise(model.get_submodule(f"model.{unit}"), hashed_seed(f"randomisation/{self.seed}/{unit}"))
             maps = explain_in_chunks(randomised, batch.images, targets, self.chunk_size)
-            correlations.append(rank_correlation(batch.maps, maps))
+            correlations.append(rank_correlation(batch.maps, maps, reference))
             similarities.append(ssim(batch.maps, maps))
         per_layer = torch.stack(correlations, dim=1).to(self.device)
         per_layer_ssim = torch.stack(similarities, dim=1).to(self.device)
         self.correlations.append(per_layer)
         self.similarities.append(per_layer_ssim)
-        rerun_similarity = torch.stack([rank_correlation(batch.maps, rerun), ssim(batch.maps, rerun)], dim=1)
+        rerun_similarity = torch.stack([rank_correlation(batch.maps, rerun, reference), ssim(batch.maps, rerun)], dim=1)
         self.reruns.append(rerun_similarity.to(self.device))
         self.record(indices, randomisation=per_layer.mean(dim=1), randomisation_ssim=per_layer_ssim.mean(dim=1))
 
