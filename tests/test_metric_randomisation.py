@@ -139,6 +139,9 @@ def test_independent_randomisation_randomises_one_layer_at_a_time(tiny_backbone)
         ModelRandomisation(layers=["nosuch"]).update(batch)
     with pytest.raises(ValueError, match="mode must be one of"):
         ModelRandomisation(mode="bottom_up")
+    without = ScoredBatch(tiny_backbone, batch.images, batch.maps, batch.targets)
+    with pytest.raises(ValueError, match="give ScoredBatch the explainer"):
+        ModelRandomisation().update(without)
 
 
 def test_a_trained_head_is_scored_with_the_randomised_backbones_features(tiny_backbone):

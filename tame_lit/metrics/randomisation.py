@@ -203,6 +203,8 @@ class ModelRandomisation(FaithfulnessMetric):
 
     def update(self, batch: ScoredBatch) -> None:
         explainer = batch.explainer
+        if explainer is None:
+            batch.explain(batch.images, batch.targets)  # raises, saying what is missing
         if not hasattr(explainer, "on_backbone"):
             if self._skipped_reason is None:
                 self._skipped_reason = (
