@@ -75,27 +75,29 @@ def probabilities(model: Model, images: Tensor, targets: Tensor, chunk_size: int
     The perturbation metrics build many perturbed copies of a batch; chunking bounds the memory of the
     forward passes without changing any value (the model is in eval mode: images do not interact).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if images.shape[0] != targets.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {targets.shape[0]} targets")
-    parts = [
-        class_probability(model(images[start : start + chunk_size]), targets[start : start + chunk_size])
-        for start in range(0, images.shape[0], chunk_size)
-    ]
-    return torch.cat(parts) if parts else images.new_zeros(0, dtype=torch.float32)
+    return _in_chunks(lambda part, wanted: class_probability(model(part), wanted), images, targets, chunk_size, ())
 
 
 def explain_in_chunks(explainer: Explains, images: Tensor, targets: Tensor, chunk_size: int = 64) -> Tensor:
     """``explainer(images, targets)`` with at most ``chunk_size`` images per call: ``[N, H, W]`` (explainers treat
     each image on its own, so chunking bounds memory without changing a value)."""
+    return _in_chunks(explainer, images, targets, chunk_size, tuple(images.shape[-2:]))
+
+
+def _in_chunks(
+    function: Callable[[Tensor, Tensor], Tensor], images: Tensor, targets: Tensor, chunk_size: int, item: tuple
+) -> Tensor:
+    """``function(images, targets)`` on at most ``chunk_size`` images at a time, concatenated; float32 ``[0, *item]``
+    for no images."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if images.shape[0] != targets.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {targets.shape[0]} targets")
     parts = [
-        explainer(images[start : start + chunk_size], targets[start : start + chunk_size])
+        function(images[start : start + chunk_size], targets[start : start + chunk_size])
         for start in range(0, images.shape[0], chunk_size)
     ]
-    return torch.cat(parts) if parts else images.new_zeros(0, *images.shape[-2:])
+    return torch.cat(parts) if parts else images.new_zeros(0, *item, dtype=torch.float32)
 
 
 @dataclass(eq=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,16 +141,6 @@ def randomised_copy(model: nn.Module) -> nn.Module:
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
     return duplicate
-
-
-class _OnBackbone(Protocol):
-    """An explainer computed on a backbone in this process (``tame_lit.explainers.BackboneExplainer``)."""
-
-    backbone: nn.Module
-
-    def __call__(self, images: Tensor, targets: Tensor | None = None) -> Tensor: ...
-
-    def on_backbone(self, backbone: Any) -> _OnBackbone: ...
 
 
 @METRICS.register("randomisation")
