@@ -367,6 +367,8 @@ class TrainedHeadConfig:
     checkpoint: str | None = None  # a tame-lit checkpoint (or export folder) of a head trained on this backbone
     # how its class maps become explanations (logits | mask, see tame_lit.heads.base.target_maps); null: as trained
     explanation: str | None = None
+    # Gaussian blur of its explanations, in cells of the head's map (see target_maps); null: as trained
+    smoothing: float | None = None
     # an explainer.pt2 program can run code when loaded: give its SHA-256 from a source you trust, or trust it
     sha256: str | None = None
     trusted: bool = False

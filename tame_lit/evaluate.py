@@ -19,7 +19,7 @@ from tame_lit.acceleration import Acceleration
 from tame_lit.config import check_command_line, config_dir, finishing, instantiate_group, start_process, start_task
 from tame_lit.evaluation import EvaluationModule, NothingScoredError
 from tame_lit.explainers import Explainer
-from tame_lit.heads.base import EXPLANATIONS
+from tame_lit.heads.base import EXPLANATIONS, check_smoothing
 from tame_lit.loading import EXPLAINER_SUFFIXES, describe, load_explainer
 from tame_lit.report import print_table, write_report
 
@@ -89,8 +89,7 @@ def build_explainers(
                     program_sha256=head.get("sha256"),
                 )
                 settings[name] = trained_head_settings(head.checkpoint)
-                if head.get("explanation") is not None:
-                    settings[name]["explanation"] = _explain_with(built[name], name, head.explanation)
+                settings[name].update(_read_with(built[name], name, head.get("explanation"), head.get("smoothing")))
             elif head is not None:
                 raise ValueError(
                     f"explainer {name!r} is a trained head: give its checkpoint, heads.{name}.checkpoint=PATH"
@@ -115,19 +114,30 @@ def build_explainers(
     return built, settings, failures
 
 
-def _explain_with(explainer: Explainer, name: str, explanation: str) -> str:
-    """Score a trained head's maps read another way (``heads.<name>.explanation``): the same weights, e.g.
-    ``logits`` and ``mask`` side by side."""
+def _read_with(explainer: Explainer, name: str, explanation: str | None, smoothing: float | None) -> dict[str, Any]:
+    """Score a trained head's maps read another way (``heads.<name>.explanation`` / ``.smoothing``): the same
+    weights, e.g. ``logits`` and ``mask``, or several blurs, side by side. Returns the settings changed."""
+    asked = {"explanation": explanation, "smoothing": smoothing}
+    changed = {key: value for key, value in asked.items() if value is not None}
+    if not changed:
+        return changed
     head = getattr(explainer, "head", None)
     if head is None or not hasattr(head, "explanation"):
         raise ValueError(
-            f"heads.{name}.explanation needs a checkpoint or export folder: {type(explainer).__name__} "
+            f"heads.{name}.{next(iter(changed))} needs a checkpoint or export folder: {type(explainer).__name__} "
             "(explainer.pt2 / explainer.onnx) has its maps compiled in"
         )
-    if explanation not in EXPLANATIONS:
+    if explanation is not None and explanation not in EXPLANATIONS:
         raise ValueError(f"heads.{name}.explanation must be one of {list(EXPLANATIONS)}, got {explanation!r}")
-    head.explanation = explanation
-    return explanation
+    if smoothing is not None:
+        try:
+            smoothing = check_smoothing(smoothing)
+        except ValueError as error:
+            raise ValueError(f"heads.{name}.smoothing: {error}") from None
+        head.smoothing = changed["smoothing"] = smoothing
+    if explanation is not None:
+        head.explanation = explanation
+    return changed
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:

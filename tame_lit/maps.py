@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["keep_top", "normalize", "top_count", "top_set", "upsample"]
+__all__ = ["keep_top", "normalize", "smooth", "top_count", "top_set", "upsample"]
 
 
 def normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
@@ -27,6 +27,26 @@ def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def smooth(maps: Tensor, sigma: tuple[float, float]) -> Tensor:
+    """Gaussian blur of ``[B, H, W]`` maps with standard deviations ``sigma = (along H, along W)`` in pixels, in
+    float32: the kernel and reflected borders of torchvision's ``gaussian_blur`` (2 * ceil(3 sigma) + 1 taps),
+    one axis at a time, so the cost grows with sigma, not its square. The kernels are constants of the graph,
+    which torchvision's are not, so ONNX exports it. A sigma of 0 leaves that axis as it is."""
+    maps = maps.float().unsqueeze(1)
+    for axis, deviation in enumerate(sigma):
+        if deviation < 0:
+            raise ValueError(f"smoothing sigma must be >= 0 pixels, got {tuple(sigma)}")
+        length = maps.shape[2 + axis]
+        half = min(math.ceil(3 * deviation), length - 1)  # reflect padding needs pad < length
+        if deviation == 0 or half < 1:
+            continue
+        offsets = torch.arange(-half, half + 1, dtype=torch.float32, device=maps.device)
+        kernel = torch.exp(-0.5 * (offsets / deviation) ** 2)
+        shape, padding = ((1, 1, -1, 1), (0, 0, half, half)) if axis == 0 else ((1, 1, 1, -1), (half, half, 0, 0))
+        maps = F.conv2d(F.pad(maps, padding, mode="reflect"), (kernel / kernel.sum()).view(shape))
+    return maps.squeeze(1)
 
 
 def top_count(pixels: int, fraction: float) -> int:

@@ -25,10 +25,11 @@ from tame_lit.checkpoints import IncompatibleCheckpointError
 from tame_lit.clean_pass import CleanPassCache, weights_digest
 from tame_lit.features import preserved_state
 from tame_lit.heads import head_maps, select_classes
+from tame_lit.heads.base import ranking_maps
 from tame_lit.heads.sync import distributed, synchronise_batch_norm
 from tame_lit.io import output_folder_problem
 from tame_lit.losses import MaskingLoss
-from tame_lit.maps import normalize, upsample
+from tame_lit.maps import upsample
 from tame_lit.metrics import AverageDropIncrease, ScoredBatch
 
 __all__ = [
@@ -242,8 +243,8 @@ class HeadTrainingModule(L.LightningModule):
             for fraction in self.objective.kept
         ]
         deleted_logits = []
-        if self.objective.deleted:  # ranked as the explanations rank pixels: by the upsampled logits, unsaturated
-            order = normalize(upsample(own_maps, images.shape[-2:]))
+        if self.objective.deleted:  # ranked as the explanations rank pixels, unsaturated (``ranking_maps``)
+            order = ranking_maps(own_maps, images.shape[-2:], self.head.smoothing)
             deleted_logits = [
                 network(images * self.objective.deleted_mask(order, fraction).unsqueeze(1).to(images.dtype))
                 for fraction in self.objective.deleted

@@ -17,6 +17,7 @@ from tame_lit.checkpoints import IncompatibleCheckpointError
 from tame_lit.explainers import create
 from tame_lit.export import ExportError, InvalidExportError, export_head, load_export, sha256, verify_maps
 from tame_lit.export.format import write_metadata
+from tame_lit.maps import normalize, smooth
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import ROOT, TINY_BACKBONE
 
@@ -238,6 +239,9 @@ def test_evaluation_takes_every_kind_of_trained_file_checked_against_its_backbon
         "as_mask": {"checkpoint": str(checkpoint), "explanation": "mask"},
         "program_as_mask": {"checkpoint": str(out / "explainer.pt2"), "explanation": "mask", "trusted": True},
         "as_soft": {"checkpoint": str(checkpoint), "explanation": "soft"},
+        "smoothed": {"checkpoint": str(checkpoint), "smoothing": 1.0},
+        "program_smoothed": {"checkpoint": str(out / "explainer.pt2"), "smoothing": 1.0, "trusted": True},
+        "smoothed_less_than_none": {"checkpoint": str(checkpoint), "smoothing": -0.5},
     }
     read_as = OmegaConf.create({"explainers": [names[0], *heads], "heads": heads, "explainer": {}})
     built, settings, failures = build_explainers(read_as, backbone)
@@ -245,6 +249,15 @@ def test_evaluation_takes_every_kind_of_trained_file_checked_against_its_backbon
     assert settings["as_mask"]["explanation"] == "mask" and not torch.allclose(built["as_mask"](images), reference)
     assert "explainer.pt2 / explainer.onnx) has its maps compiled in" in failures["program_as_mask"]
     assert "must be one of ['logits', 'mask'], got 'soft'" in failures["as_soft"]
+    # and blurred (heads.<name>.smoothing): the same order as the blur of the plain maps
+    assert built["smoothed"].head.smoothing == 1.0 and settings["smoothed"]["smoothing"] == 1.0
+    plain = built[names[0]]
+    with torch.no_grad():
+        low = plain.head(backbone.features(images, plain.head.layers)[1]).shape[-1]  # one cell: 64 / low pixels
+    expected = normalize(smooth(plain(images), (64 / low, 64 / low)))
+    torch.testing.assert_close(built["smoothed"](images), expected, rtol=0, atol=1e-5)
+    assert "heads.program_smoothed.smoothing needs a checkpoint or export folder" in failures["program_smoothed"]
+    assert "heads.smoothed_less_than_none.smoothing: head smoothing must be" in failures["smoothed_less_than_none"]
 
     other = backbones.create(**{**TINY_BACKBONE, "name": "test_efficientnet"})
     _, _, failures = build_explainers(cfg, other)
@@ -257,7 +270,8 @@ def test_evaluation_takes_every_kind_of_trained_file_checked_against_its_backbon
 
 
 def test_a_mask_explanation_survives_export_to_every_format(tmp_path):
-    """``head.explanation=mask`` is a head option: the export folder, the program and ONNX give its maps."""
+    """``head.explanation=mask`` and ``head.smoothing`` are head options: the export folder, the program and ONNX
+    give its maps."""
     pytest.importorskip("onnxruntime")
     from safetensors.torch import save_file
 
@@ -267,15 +281,17 @@ def test_a_mask_explanation_survives_export_to_every_format(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "test_resnet.safetensors"  # one backbone for every loader (random init differs each time)
     save_file(backbones.create(**TINY_BACKBONE).model.state_dict(), str(weights))
-    overrides = [*TINY_OVERRIDES, f"backbone.weights={weights}", "head.explanation=mask", "trainer.max_steps=1"]
+    overrides = [*TINY_OVERRIDES, f"backbone.weights={weights}", "head.explanation=mask", "head.smoothing=0.5"]
+    overrides.append("trainer.max_steps=1")
     overrides.append("data.num_workers=0")
     train(compose_train(overrides, tmp_path / "run"))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     out = export_head(checkpoint, tmp_path / "export", program=True, onnx=True)  # each verified while written
-    assert json.loads((out / "explainer.json").read_text())["head"]["explanation"] == "mask"
+    saved = json.loads((out / "explainer.json").read_text())["head"]
+    assert saved["explanation"] == "mask" and saved["smoothing"] == 0.5
     images = torch.rand(2, 3, 64, 64)
     eager = load_explainer(checkpoint)
-    assert eager.head.explanation == "mask"
+    assert eager.head.explanation == "mask" and eager.head.smoothing == 0.5
     for path in (out, out / "explainer.pt2", out / "explainer.onnx"):
         loaded = load_explainer(path, trusted=True)  # trusted: a program this test just wrote
         torch.testing.assert_close(loaded(images), eager(images), rtol=0, atol=1e-4)

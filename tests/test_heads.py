@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from tame_lit import backbones, explainers, heads
 from tame_lit.explainers import HeadExplainer
 from tame_lit.heads import TameHead, select_classes
-from tame_lit.heads.base import class_maps, resize, target_maps
-from tame_lit.maps import normalize
+from tame_lit.heads.base import class_maps, ranking_maps, resize, target_maps
+from tame_lit.maps import normalize, upsample
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
 
@@ -263,6 +266,43 @@ def test_a_mask_explanation_has_the_trained_masks_values_and_the_logits_pixel_or
     assert torch.allclose(target_maps(logits, (56, 56)), expected)
 
 
+@pytest.mark.parametrize("explanation", ["logits", "mask"])
+def test_smoothing_blurs_the_explanation_by_a_gaussian_in_cells_of_the_head_map(explanation):
+    """``smoothing=s``: the explanation blurred by a Gaussian of s cells of the head's map (per axis: 7 x 14
+    logits to 56 x 56 make 8 x 4 pixels a cell), min-max again; 0 is the explanation itself."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 14) * 3
+    plain = target_maps(logits, (56, 56), explanation)
+    assert torch.equal(target_maps(logits, (56, 56), explanation, 0.0), plain)
+    blurred = target_maps(logits, (56, 56), explanation, 0.5)  # sigma 4 px along H, 2 px along W
+    taps_h, taps_w = 2 * math.ceil(3 * 4.0) + 1, 2 * math.ceil(3 * 2.0) + 1
+    expected = normalize(gaussian_blur(plain[:, None], [taps_w, taps_h], [2.0, 4.0])[:, 0])  # one 2-D kernel
+    torch.testing.assert_close(blurred, expected, rtol=0, atol=1e-5)
+    assert blurred.amin() == 0 and blurred.amax() == 1 and not torch.allclose(blurred, plain, atol=1e-2)
+    # the deletion order of the unsaturated logits, blurred the same way (what loss.deleted ranks by)
+    order = normalize(gaussian_blur(upsample(normalize(logits), (56, 56))[:, None], [taps_w, taps_h], [2.0, 4.0]))
+    torch.testing.assert_close(ranking_maps(logits, (56, 56), 0.5), order[:, 0], rtol=0, atol=1e-5)
+
+
+def test_smoothing_ranks_a_saturated_plateau_from_its_centre():
+    """A mask saturated on a square ties there but for the logits' tie-break; blurred, its centre ranks first
+    and its border last, whatever the logits inside it do."""
+    logits = torch.full((1, 14, 14), -6.0)
+    offsets = torch.arange(8.0) - 3.5
+    logits[0, 3:11, 3:11] = 30 + offsets.abs()[:, None] + offsets.abs()[None]  # sigmoid 1.0, rising outwards
+    centre, corner, outside = (slice(26, 30),) * 2, (slice(16, 18),) * 2, (slice(0, 4),) * 2
+    plain = target_maps(logits, (56, 56), "mask")[0]
+    assert plain[corner].min() > plain[centre].max()  # without a blur, the logits' tie-break ranks the corner first
+    smoothed = target_maps(logits, (56, 56), "mask", 1.0)[0]
+    assert smoothed[centre].min() > smoothed[corner].max() > smoothed[outside].max()
+
+
+@pytest.mark.parametrize("smoothing", [-1.0, float("inf"), True, "wide"])
+def test_smoothing_must_be_a_standard_deviation(smoothing, tiny_backbone):
+    with pytest.raises(ValueError, match=r"head smoothing must be a standard deviation >= 0 in cells"):
+        heads.create("tame", tiny_backbone, smoothing=smoothing)
+
+
 @pytest.mark.parametrize("name", ["tame", "sacam"])
 def test_the_explanation_is_a_head_option_that_reaches_the_explainer(name, tiny_backbone):
     torch.manual_seed(0)
@@ -277,6 +317,10 @@ def test_the_explanation_is_a_head_option_that_reaches_the_explainer(name, tiny_
         own = select_classes(plain(features, None), None, logits.argmax(dim=1))
     assert torch.allclose(HeadExplainer(tiny_backbone, masked)(images), target_maps(own, (64, 64), "mask"), atol=1e-4)
     assert torch.allclose(HeadExplainer(tiny_backbone, plain)(images), target_maps(own, (64, 64)), atol=1e-4)
+    smoothed = heads.create(name, tiny_backbone, explanation="mask", smoothing=0.5, **options).eval()
+    smoothed.load_state_dict(plain.state_dict())
+    expected = target_maps(own, (64, 64), "mask", 0.5)
+    assert torch.allclose(HeadExplainer(tiny_backbone, smoothed)(images), expected, atol=1e-4)
     with pytest.raises(ValueError, match=r"explanation must be one of \['logits', 'mask'\], got 'soft'"):
         heads.create(name, tiny_backbone, explanation="soft", **options)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tame_lit.losses import MaskingLoss, area_loss, top_fraction_indicator, top_fraction_mask, variation_loss
-from tame_lit.maps import keep_top
+from tame_lit.maps import keep_top, normalize, smooth
 from tame_lit.metrics.deletion import pixel_ranks
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
@@ -314,9 +314,11 @@ def test_loss_with_deleted_terms_by_hand():
         loss(logits, labels, masks, labels)
 
 
-def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass():
+@pytest.mark.parametrize("smoothing", [0.0, 1.0])
+def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass(smoothing):
+    """The deleted pixels are the explanation's top ones: with ``head.smoothing``, those of the blurred map."""
     torch.manual_seed(0)
-    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, loss={"deleted": [0.2]})
+    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame", "smoothing": smoothing}, loss={"deleted": [0.2]})
     images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
     _, features = module.backbone.features(images, module.head.layers)
     forward, seen = module.backbone.forward, []
@@ -331,6 +333,9 @@ def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass():
     own = torch.nn.functional.interpolate(  # the logits, upsampled: the explanations' pixel order
         module.head(features)[torch.arange(2), labels][:, None], size=(64, 64), mode="bilinear", align_corners=False,
     )[:, 0]  # fmt: skip
+    if smoothing:  # blurred by `smoothing` cells of the head's map, in pixels of the image
+        low = module.head(features).shape[-1]
+        own = smooth(normalize(own), (smoothing * 64 / low,) * 2)
     # the deleted pixels: exactly ceil(20 %) per image, none less salient than any pixel left (bilinear maps tie)
     deleted = (seen[1] == 0).all(dim=1) & (images != 0).all(dim=1)
     assert deleted.flatten(1).sum(dim=1).tolist() == [math.ceil(0.2 * 64 * 64)] * 2

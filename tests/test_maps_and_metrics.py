@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from torchvision.transforms.v2.functional import gaussian_blur
 
-from tame_lit.maps import keep_top, normalize, upsample
+from tame_lit.maps import keep_top, normalize, smooth, upsample
 from tame_lit.metrics import AverageDropIncrease, ScoredBatch, masked_probability
 
 
@@ -49,6 +50,22 @@ class MeanIsProbability(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         mean = images.mean(dim=(1, 2, 3)).double()
         return torch.stack([torch.zeros_like(mean), torch.log(mean / (1 - mean))], dim=1)
+
+
+def test_smooth_is_torchvisions_gaussian_blur_one_axis_at_a_time():
+    torch.manual_seed(0)
+    maps = torch.rand(3, 40, 30)
+    taps_h, taps_w = 2 * math.ceil(3 * 3.0) + 1, 2 * math.ceil(3 * 1.5) + 1
+    expected = gaussian_blur(maps[:, None], [taps_w, taps_h], [1.5, 3.0])[:, 0]  # one 2-D kernel, (x, y) order
+    torch.testing.assert_close(smooth(maps, (3.0, 1.5)), expected, rtol=0, atol=1e-6)
+    assert torch.equal(smooth(maps, (0.0, 0.0)), maps)
+    along_w = smooth(maps, (0.0, 1.5))  # one axis only: rows are blurred independently
+    torch.testing.assert_close(along_w[:, :1], smooth(maps[:, :1], (0.0, 1.5)), rtol=0, atol=1e-6)
+    # a kernel wider than the map is cut to what reflected borders allow, and still blurs
+    tiny = torch.rand(2, 4, 4)
+    assert smooth(tiny, (8.0, 8.0)).std() < 0.5 * tiny.std()
+    with pytest.raises(ValueError, match=r"smoothing sigma must be >= 0 pixels, got \(-1.0, 1.0\)"):
+        smooth(maps, (-1.0, 1.0))
 
 
 def test_average_drop_and_increase_by_hand():

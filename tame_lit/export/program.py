@@ -48,7 +48,7 @@ class ExplainerProgram(nn.Module):
         # diagonal; the same maps, at a cost that grows with the batch
         rows = torch.arange(images.shape[0], device=images.device)
         own = self.head(features, targets)[rows, rows]
-        return target_maps(own, images.shape[-2:], self.head.explanation), logits
+        return target_maps(own, images.shape[-2:], self.head.explanation, self.head.smoothing), logits
 
 
 def export_program(

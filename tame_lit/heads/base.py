@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tame_lit.features import preserved_state
-from tame_lit.maps import normalize, upsample
+from tame_lit.maps import normalize, smooth, upsample
 from tame_lit.registry import Registry
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ __all__ = [
     "class_maps",
     "common_size",
     "head_maps",
+    "ranking_maps",
     "resize",
     "select_classes",
     "start_from_cam",
@@ -43,7 +45,8 @@ class ExplanationHead(nn.Module):
     number of classes, so it never needs the backbone itself. ``forward(features, classes)`` returns the
     pre-sigmoid class maps ``[B, K, h, w]``; with ``classes`` (a 1-D LongTensor) only those K maps are
     computed, which is all the training objective needs and much cheaper than all 1,000. ``explanation``:
-    how a class map becomes an explanation (``target_maps``): ``logits`` (TAME) or ``mask``.
+    how a class map becomes an explanation (``target_maps``): ``logits`` (TAME) or ``mask``. ``smoothing``:
+    the standard deviation, in cells of the head's map, of a Gaussian blur of the explanation (0: none).
     ``clips_negative_features``: started from the classifier, the head passes the CAM layer's features through a
     ReLU, so its start is CAM only where they are non-negative (``start_from_cam`` checks).
     """
@@ -51,7 +54,11 @@ class ExplanationHead(nn.Module):
     clips_negative_features: bool = False
 
     def __init__(
-        self, layer_shapes: Mapping[str, Sequence[int]], num_classes: int, explanation: str = "logits"
+        self,
+        layer_shapes: Mapping[str, Sequence[int]],
+        num_classes: int,
+        explanation: str = "logits",
+        smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if not layer_shapes:
@@ -59,6 +66,7 @@ class ExplanationHead(nn.Module):
         if explanation not in EXPLANATIONS:
             raise ValueError(f"head explanation must be one of {list(EXPLANATIONS)}, got {explanation!r}")
         self.explanation = explanation
+        self.smoothing = check_smoothing(smoothing)
         self.layers: tuple[str, ...] = tuple(layer_shapes)
         self.layer_shapes = {name: tuple(int(s) for s in shape) for name, shape in layer_shapes.items()}
         self.num_classes = int(num_classes)
@@ -114,10 +122,34 @@ def head_maps(head: ExplanationHead, features: Mapping[str, Tensor], targets: Te
     explainers, validation and exports compute."""
     classes = torch.unique(targets)
     logits = head(features, classes)
-    return target_maps(select_classes(logits, classes, targets), size, head.explanation)
+    return target_maps(select_classes(logits, classes, targets), size, head.explanation, head.smoothing)
 
 
-def target_maps(logits: Tensor, size: Sequence[int], explanation: str = "logits") -> Tensor:
+def check_smoothing(smoothing: float) -> float:
+    """``smoothing`` as a float, or a ValueError saying what is valid."""
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < math.inf:
+        raise ValueError(
+            f"head smoothing must be a standard deviation >= 0 in cells of the head's map (0: none), got {smoothing!r}"
+        )
+    return float(smoothing)
+
+
+def smoothing_sigma(smoothing: float, low: Sequence[int], size: Sequence[int]) -> tuple[float, float]:
+    """``smoothing`` in cells of a ``low``-sized map as pixels of its ``size`` upsampling, ``(along H, along W)``."""
+    return (smoothing * size[0] / low[0], smoothing * size[1] / low[1])
+
+
+def ranking_maps(logits: Tensor, size: Sequence[int], smoothing: float = 0.0) -> Tensor:
+    """What orders the pixels of a head's explanations, unsaturated: the min-max upsampled logits, blurred as
+    ``target_maps`` blurs. The ``mask`` explanation's sigmoid flattens large regions to 1.0, so training terms
+    that rank pixels (``loss.deleted``) rank by these to give pixels near their threshold a gradient."""
+    maps = normalize(upsample(logits, tuple(size)))
+    if smoothing == 0:
+        return maps
+    return normalize(smooth(maps, smoothing_sigma(smoothing, logits.shape[-2:], size)))
+
+
+def target_maps(logits: Tensor, size: Sequence[int], explanation: str = "logits", smoothing: float = 0.0) -> Tensor:
     """Explanations ``[B, *size]`` in [0, 1] from each image's pre-sigmoid map of its target ``[B, h, w]``.
 
     ``logits``: min-max at the head's resolution, then bilinear upsampling (TAME, tame.md §1.4).
@@ -126,13 +158,22 @@ def target_maps(logits: Tensor, size: Sequence[int], explanation: str = "logits"
     pixels keep the logits' order. The pixel order, hence deletion, insertion and ROAD, is that of the
     upsampled logits (pixels whose logits differ by less than about 1e-4 of their range may tie in float32);
     the values are the trained mask's, which is what AD/IC multiply the image by.
+
+    ``smoothing`` > 0: that explanation blurred by a Gaussian of that standard deviation in cells of the head's
+    ``[h, w]`` map (``maps.smooth``), min-max again. A saturated mask's plateau then ranks its centre first and
+    the map's order has no detail finer than the blur: on Lite0 this lowers the deletion AUC (README, "Which
+    explainer is most faithful?").
     """
     if explanation == "logits":
-        return upsample(normalize(logits), tuple(size))
-    if explanation != "mask":
+        maps = upsample(normalize(logits), tuple(size))
+    elif explanation == "mask":
+        upsampled = upsample(logits, tuple(size))
+        maps = normalize((1 - MASK_TIE_BREAK) * torch.sigmoid(upsampled) + MASK_TIE_BREAK * normalize(upsampled))
+    else:
         raise ValueError(f"explanation must be one of {list(EXPLANATIONS)}, got {explanation!r}")
-    upsampled = upsample(logits, tuple(size))
-    return normalize((1 - MASK_TIE_BREAK) * torch.sigmoid(upsampled) + MASK_TIE_BREAK * normalize(upsampled))
+    if smoothing == 0:
+        return maps
+    return normalize(smooth(maps, smoothing_sigma(smoothing, logits.shape[-2:], size)))
 
 
 def class_maps(fuser: nn.Conv2d, inputs: Sequence[Tensor], size: Sequence[int], classes: Tensor | None) -> Tensor:

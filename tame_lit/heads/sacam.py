@@ -114,8 +114,9 @@ class SACAMHead(ExplanationHead):
         max_size: int = 56,
         value_init: str = "identity",
         explanation: str = "logits",
+        smoothing: float = 0.0,
     ) -> None:
-        super().__init__(layer_shapes, num_classes, explanation)
+        super().__init__(layer_shapes, num_classes, explanation, smoothing)
         chosen = self.layers if attention_layers is None else tuple(attention_layers)
         unknown = [name for name in chosen if name not in self.layer_shapes]
         if unknown:
@@ -173,7 +174,7 @@ class SACAMHead(ExplanationHead):
     def extra_repr(self) -> str:
         return (
             f"attention_layers={list(self.attention_layers)}, reduction={self.reduction}, max_size={self.max_size}, "
-            f"explanation={self.explanation!r}"
+            f"explanation={self.explanation!r}, smoothing={self.smoothing}"
         )
 
 

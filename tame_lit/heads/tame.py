@@ -76,8 +76,9 @@ class TameHead(ExplanationHead):
         max_size: int = 56,
         variant: str = "standard",
         explanation: str = "logits",
+        smoothing: float = 0.0,
     ) -> None:
-        super().__init__(layer_shapes, num_classes, explanation)
+        super().__init__(layer_shapes, num_classes, explanation, smoothing)
         if variant not in VARIANTS:
             raise ValueError(f"unknown TAME variant {variant!r}; valid: {list(VARIANTS)}")
         self.max_size = int(max_size)
@@ -139,4 +140,7 @@ class TameHead(ExplanationHead):
         return class_maps(self.fuser, branches, size, classes)
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, max_size={self.max_size}, explanation={self.explanation!r}"
+        return (
+            f"variant={self.variant!r}, max_size={self.max_size}, explanation={self.explanation!r}, "
+            f"smoothing={self.smoothing}"
+        )
