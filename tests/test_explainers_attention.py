@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from tame_lit import backbones
 from tame_lit.backbones import Backbone
@@ -469,3 +470,30 @@ def test_attention_rollout_reads_torchvisions_multihead_attention_and_leaves_its
     assert count_hooks(vit) == 0
     with torch.no_grad():
         torch.testing.assert_close(vit(images), logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# smoothed: another method's maps blurred
+
+
+def test_smoothed_is_its_bases_map_blurred_by_torchvisions_gaussian(resnet):
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 64, 64)
+    smoothed = create("smoothed", resnet, base="gradcampp", sigma=3.0, layers=["layer3"])
+    base = create("gradcampp", resnet, ["layer3"])
+    plain = base(images)
+    taps = 2 * math.ceil(3 * 3.0) + 1
+    expected = normalize(gaussian_blur(plain[:, None], [taps, taps], [3.0, 3.0]))
+    maps = smoothed(images)
+    torch.testing.assert_close(maps, expected[:, 0], rtol=0, atol=1e-5)
+    assert (maps - plain).abs().amax() > 1e-2 and smoothed.base.layers == ("layer3",)
+    assert smoothed.needs_gradients and not create("smoothed", resnet, base="random").needs_gradients
+    # the base's own options reach it: another seed of the random maps, another blur
+    random_maps = [create("smoothed", resnet, base="random", seed=s)(images[:1]) for s in (1, 2)]
+    assert (random_maps[0] - random_maps[1]).abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize("sigma", [0.0, -2.0, float("nan"), True])
+def test_smoothed_refuses_a_sigma_that_is_not_a_positive_width(sigma, resnet):
+    with pytest.raises(ValueError, match=r"smoothed: sigma must be a standard deviation > 0 in pixels"):
+        create("smoothed", resnet, sigma=sigma)

@@ -21,6 +21,7 @@ from tame_lit.explainers import (  # noqa: F401
     sacam_posthoc,
     scorecam,
     sise,
+    smoothed,
     xgradcam,
 )
 from tame_lit.explainers.base import (
