@@ -25,11 +25,10 @@ from tame_lit.checkpoints import IncompatibleCheckpointError
 from tame_lit.clean_pass import CleanPassCache, weights_digest
 from tame_lit.features import preserved_state
 from tame_lit.heads import head_maps, select_classes
-from tame_lit.heads.base import ranking_maps
+from tame_lit.heads.base import ranking_maps, training_masks
 from tame_lit.heads.sync import distributed, synchronise_batch_norm
 from tame_lit.io import output_folder_problem
 from tame_lit.losses import MaskingLoss
-from tame_lit.maps import upsample
 from tame_lit.metrics import AverageDropIncrease, ScoredBatch
 
 __all__ = [
@@ -235,7 +234,7 @@ class HeadTrainingModule(L.LightningModule):
         maps = self.head(features, classes).float()  # [B, U, h, w] logits
         masks = torch.sigmoid(maps)
         own_maps = select_classes(maps, classes, labels)  # each image's logits of its label
-        own = upsample(torch.sigmoid(own_maps), images.shape[-2:])
+        own = training_masks(own_maps, images.shape[-2:], self.head.smoothing)
         network = self._logits_network(images.device)
         masked_logits = network(images * own.unsqueeze(1).to(images.dtype))
         kept_logits = [

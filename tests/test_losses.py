@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tame_lit.losses import MaskingLoss, area_loss, top_fraction_indicator, top_fraction_mask, variation_loss
-from tame_lit.maps import keep_top, normalize, smooth
+from tame_lit.maps import keep_top, normalize, smooth, upsample
 from tame_lit.metrics.deletion import pixel_ranks
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
@@ -330,6 +330,12 @@ def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass(smoothing):
     module.backbone.forward = recording
     terms, _ = module.masking_pass(images, features, labels)
     assert len(seen) == 2  # the masked image, then the deleted one
+    # the masked image: times the sigmoid mask of each image's label, upsampled, blurred as the explanation is
+    own_logits = module.head(features)[torch.arange(2), labels]
+    mask = upsample(torch.sigmoid(own_logits), (64, 64))
+    if smoothing:
+        mask = smooth(mask, (smoothing * 64 / own_logits.shape[-1],) * 2)
+    torch.testing.assert_close(seen[0], images * mask[:, None], rtol=0, atol=1e-6)
     own = torch.nn.functional.interpolate(  # the logits, upsampled: the explanations' pixel order
         module.head(features)[torch.arange(2), labels][:, None], size=(64, 64), mode="bilinear", align_corners=False,
     )[:, 0]  # fmt: skip

@@ -30,6 +30,7 @@ __all__ = [
     "start_from_cam",
     "start_fuser_from_classifier",
     "target_maps",
+    "training_masks",
 ]
 
 # how a head's map of a class becomes its explanation (``target_maps``)
@@ -137,6 +138,15 @@ def check_smoothing(smoothing: float) -> float:
 def smoothing_sigma(smoothing: float, low: Sequence[int], size: Sequence[int]) -> tuple[float, float]:
     """``smoothing`` in cells of a ``low``-sized map as pixels of its ``size`` upsampling, ``(along H, along W)``."""
     return (smoothing * size[0] / low[0], smoothing * size[1] / low[1])
+
+
+def training_masks(logits: Tensor, size: Sequence[int], smoothing: float = 0.0) -> Tensor:
+    """The masks ``[B, *size]`` training multiplies the images by: the sigmoid of each map, upsampled, blurred
+    as ``target_maps`` blurs the explanation, so that a smoothed head learns the mask its explanations are."""
+    masks = upsample(torch.sigmoid(logits), tuple(size))
+    if smoothing == 0:
+        return masks
+    return smooth(masks, smoothing_sigma(smoothing, logits.shape[-2:], size))
 
 
 def ranking_maps(logits: Tensor, size: Sequence[int], smoothing: float = 0.0) -> Tensor:
