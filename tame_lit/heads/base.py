@@ -135,18 +135,18 @@ def check_smoothing(smoothing: float) -> float:
     return float(smoothing)
 
 
-def smoothing_sigma(smoothing: float, low: Sequence[int], size: Sequence[int]) -> tuple[float, float]:
-    """``smoothing`` in cells of a ``low``-sized map as pixels of its ``size`` upsampling, ``(along H, along W)``."""
-    return (smoothing * size[0] / low[0], smoothing * size[1] / low[1])
+def smooth_cells(maps: Tensor, smoothing: float, low: Sequence[int]) -> Tensor:
+    """Upsampled ``[B, H, W]`` maps blurred by ``smoothing`` cells of the ``low``-sized map they came from
+    (``maps.smooth``, per axis in pixels); unchanged when ``smoothing`` is 0."""
+    if smoothing == 0:
+        return maps
+    return smooth(maps, (smoothing * maps.shape[-2] / low[0], smoothing * maps.shape[-1] / low[1]))
 
 
 def training_masks(logits: Tensor, size: Sequence[int], smoothing: float = 0.0) -> Tensor:
     """The masks ``[B, *size]`` training multiplies the images by: the sigmoid of each map, upsampled, blurred
     as ``target_maps`` blurs the explanation, so that a smoothed head learns the mask its explanations are."""
-    masks = upsample(torch.sigmoid(logits), tuple(size))
-    if smoothing == 0:
-        return masks
-    return smooth(masks, smoothing_sigma(smoothing, logits.shape[-2:], size))
+    return smooth_cells(upsample(torch.sigmoid(logits), tuple(size)), smoothing, logits.shape[-2:])
 
 
 def ranking_maps(logits: Tensor, size: Sequence[int], smoothing: float = 0.0) -> Tensor:
@@ -154,9 +154,7 @@ def ranking_maps(logits: Tensor, size: Sequence[int], smoothing: float = 0.0) ->
     ``target_maps`` blurs. The ``mask`` explanation's sigmoid flattens large regions to 1.0, so training terms
     that rank pixels (``loss.deleted``) rank by these to give pixels near their threshold a gradient."""
     maps = normalize(upsample(logits, tuple(size)))
-    if smoothing == 0:
-        return maps
-    return normalize(smooth(maps, smoothing_sigma(smoothing, logits.shape[-2:], size)))
+    return normalize(smooth_cells(maps, smoothing, logits.shape[-2:])) if smoothing else maps
 
 
 def target_maps(logits: Tensor, size: Sequence[int], explanation: str = "logits", smoothing: float = 0.0) -> Tensor:
@@ -181,9 +179,7 @@ def target_maps(logits: Tensor, size: Sequence[int], explanation: str = "logits"
         maps = normalize((1 - MASK_TIE_BREAK) * torch.sigmoid(upsampled) + MASK_TIE_BREAK * normalize(upsampled))
     else:
         raise ValueError(f"explanation must be one of {list(EXPLANATIONS)}, got {explanation!r}")
-    if smoothing == 0:
-        return maps
-    return normalize(smooth(maps, smoothing_sigma(smoothing, logits.shape[-2:], size)))
+    return normalize(smooth_cells(maps, smoothing, logits.shape[-2:])) if smoothing else maps
 
 
 def class_maps(fuser: nn.Conv2d, inputs: Sequence[Tensor], size: Sequence[int], classes: Tensor | None) -> Tensor:
