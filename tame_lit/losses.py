@@ -1,6 +1,7 @@
 """TAME's masking objective: cross-entropy on the masked image plus area and smoothness of the masks, and
-optionally cross-entropy on the image masked by each map's top pixels only, as AD/IC@p masks it, and the
-class probability left once those top pixels are deleted, as the deletion curve deletes them."""
+optionally cross-entropy on the image masked by each map's top pixels only, as AD/IC@p masks it, the
+class probability left once those top pixels are deleted, as the deletion curve deletes them, and the class
+probability missing once only they are put back into a blurred copy, as the insertion curve inserts them."""
 
 from __future__ import annotations
 
@@ -132,6 +133,12 @@ class MaskingLoss:
     deletion curve deletes them, in the order of the upsampled logits; ``deleted_mask``). The objective the
     deletion AUC tests, which the soft mask never sees: what a map ranks first must carry the class. One
     backbone pass each.
+
+    ``inserted``: fractions p of pixels in (0, 1); each adds a term ``ins@<p in percent>``, ``inserted_weight`` x
+    (1 - the mean softmax probability of the label) on the blurred image with each map's top p pixels put back
+    (as the insertion curve inserts them, from its blurred start ``metrics.deletion.blurred``, in the same order
+    as ``deleted``; ``inserted_mask``). What the insertion AUC tests: the first pixels a map ranks must bring
+    the class back on their own. One backbone pass each.
     """
 
     ce: float = 1.5
@@ -146,6 +153,8 @@ class MaskingLoss:
     kept_temperature: float = 0.05
     deleted: tuple[float, ...] = ()
     deleted_weight: float = 1.0
+    inserted: tuple[float, ...] = ()
+    inserted_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.selection not in ("batch", "diagonal"):
@@ -153,6 +162,9 @@ class MaskingLoss:
         self.kept = _fractions("loss.kept", self.kept, "(0, 1]", lambda f: 0.0 < f <= 1.0)
         self.deleted = _fractions(
             "loss.deleted", self.deleted, "(0, 1) (deleting all leaves a black image)", lambda f: 0.0 < f < 1.0
+        )
+        self.inserted = _fractions(
+            "loss.inserted", self.inserted, "(0, 1) (inserting all gives the image back)", lambda f: 0.0 < f < 1.0
         )
         if self.kept_gradient not in KEPT_GRADIENTS:
             raise ValueError(f"loss.kept_gradient must be one of {KEPT_GRADIENTS}, got {self.kept_gradient!r}")
@@ -167,6 +179,10 @@ class MaskingLoss:
         """The terms' names, ``del@<percent>`` for each fraction of ``deleted`` (``del@10``)."""
         return [f"del@{percent(f)}" for f in self.deleted]
 
+    def inserted_names(self) -> list[str]:
+        """The terms' names, ``ins@<percent>`` for each fraction of ``inserted`` (``ins@15``)."""
+        return [f"ins@{percent(f)}" for f in self.inserted]
+
     def kept_mask(self, own: Tensor, fraction: float) -> Tensor:
         """The mask of the ``ce@<fraction>`` term from each image's upsampled map ``own`` [B, H, W]."""
         return top_fraction_mask(own, fraction, self.kept_gradient, self.kept_temperature)
@@ -178,6 +194,11 @@ class MaskingLoss:
         the head's explanations do, and unlike the sigmoid mask they do not saturate, so pixels near the
         threshold get a gradient (at ``kept_temperature`` on that [0, 1] scale)."""
         return 1 - top_fraction_indicator(order, fraction, self.kept_temperature)
+
+    def inserted_mask(self, order: Tensor, fraction: float) -> Tensor:
+        """Where the ``ins@<fraction>`` term's image is the original: 1 on each map's top ``fraction`` (ranked by
+        ``order`` as in ``deleted_mask``, with the same relaxed gradient), 0 where it stays blurred."""
+        return top_fraction_indicator(order, fraction, self.kept_temperature)
 
     def regularised_maps(self, masks: Tensor, label_columns: Tensor, batch_columns: Tensor | None = None) -> Tensor:
         """``masks`` [B, K, h, w] (sigmoid maps of K classes); ``label_columns`` [B] each label's column;
@@ -196,14 +217,22 @@ class MaskingLoss:
         kept_logits: Sequence[Tensor] = (),
         deleted_logits: Sequence[Tensor] = (),
         batch_columns: Tensor | None = None,
+        inserted_logits: Sequence[Tensor] = (),
     ) -> dict[str, Tensor]:
         """``kept_logits`` / ``deleted_logits``: the logits of the image times ``kept_mask`` / ``deleted_mask`` at
-        each fraction of ``kept`` / ``deleted``; ``batch_columns``: see ``regularised_maps``."""
+        each fraction of ``kept`` / ``deleted``; ``inserted_logits``: those of the blurred image with the pixels of
+        ``inserted_mask`` put back, at each fraction of ``inserted``; ``batch_columns``: see
+        ``regularised_maps``."""
         if len(kept_logits) != len(self.kept):
             raise ValueError(f"loss.kept={list(self.kept)} needs {len(self.kept)} kept logits, got {len(kept_logits)}")
         if len(deleted_logits) != len(self.deleted):
             raise ValueError(
                 f"loss.deleted={list(self.deleted)} needs {len(self.deleted)} deleted logits, got {len(deleted_logits)}"
+            )
+        if len(inserted_logits) != len(self.inserted):
+            raise ValueError(
+                f"loss.inserted={list(self.inserted)} needs {len(self.inserted)} inserted logits, "
+                f"got {len(inserted_logits)}"
             )
         regularised = self.regularised_maps(masks, label_columns, batch_columns)
         terms = {
@@ -218,5 +247,9 @@ class MaskingLoss:
         for name, logits in zip(self.deleted_names(), deleted_logits, strict=True):
             probability = logits.float().softmax(dim=1).gather(1, labels.unsqueeze(1))
             terms[name] = self.deleted_weight * probability.mean()
+            terms["loss"] = terms["loss"] + terms[name]
+        for name, logits in zip(self.inserted_names(), inserted_logits, strict=True):
+            probability = logits.float().softmax(dim=1).gather(1, labels.unsqueeze(1))
+            terms[name] = self.inserted_weight * (1 - probability).mean()
             terms["loss"] = terms["loss"] + terms[name]
         return terms

@@ -30,6 +30,7 @@ from tame_lit.heads.sync import distributed, synchronise_batch_norm
 from tame_lit.io import output_folder_problem
 from tame_lit.losses import MaskingLoss
 from tame_lit.metrics import AverageDropIncrease, ScoredBatch
+from tame_lit.metrics.deletion import blurred
 
 __all__ = [
     "HeadTrainingModule",
@@ -229,7 +230,9 @@ class HeadTrainingModule(L.LightningModule):
 
         With ``loss.kept``, one more backbone pass per fraction p, on the image masked by each map's top p
         pixels (``MaskingLoss.kept_mask``), gives the terms ``ce@<p>``; with ``loss.deleted``, one per fraction
-        on the image with those pixels deleted (``MaskingLoss.deleted_mask``), the terms ``del@<p>``."""
+        on the image with those pixels deleted (``MaskingLoss.deleted_mask``), the terms ``del@<p>``; with
+        ``loss.inserted``, one per fraction on the blurred image with only those pixels put back
+        (``MaskingLoss.inserted_mask``), the terms ``ins@<p>``."""
         classes, columns, batch_columns = self._batch_classes(labels)
         maps = self.head(features, classes).float()  # [B, U, h, w] logits
         masks = torch.sigmoid(maps)
@@ -241,14 +244,25 @@ class HeadTrainingModule(L.LightningModule):
             network(images * self.objective.kept_mask(own, fraction).unsqueeze(1).to(images.dtype))
             for fraction in self.objective.kept
         ]
-        deleted_logits = []
-        if self.objective.deleted:  # ranked as the explanations rank pixels, unsaturated (``ranking_maps``)
+        deleted_logits, inserted_logits = [], []
+        if self.objective.deleted or self.objective.inserted:  # ranked as explanations rank pixels (``ranking_maps``)
             order = ranking_maps(own_maps, images.shape[-2:], self.head.smoothing)
             deleted_logits = [
                 network(images * self.objective.deleted_mask(order, fraction).unsqueeze(1).to(images.dtype))
                 for fraction in self.objective.deleted
             ]
-        terms = self.objective(masked_logits, labels, masks, columns, kept_logits, deleted_logits, batch_columns)
+        if self.objective.inserted:  # from the insertion curve's blurred start
+            start = blurred(images.detach())
+            inserted_logits = [
+                network(
+                    start
+                    + (images - start) * self.objective.inserted_mask(order, fraction).unsqueeze(1).to(images.dtype)
+                )
+                for fraction in self.objective.inserted
+            ]
+        terms = self.objective(
+            masked_logits, labels, masks, columns, kept_logits, deleted_logits, batch_columns, inserted_logits
+        )
         return terms, masked_logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

@@ -7,7 +7,7 @@ import torch
 
 from tame_lit.losses import MaskingLoss, area_loss, top_fraction_indicator, top_fraction_mask, variation_loss
 from tame_lit.maps import keep_top, normalize, smooth, upsample
-from tame_lit.metrics.deletion import pixel_ranks
+from tame_lit.metrics.deletion import blurred, pixel_ranks
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
 
@@ -259,6 +259,9 @@ def test_masking_pass_runs_one_backbone_pass_per_kept_fraction():
         ({"kept_temperature": 0.0}, r"loss\.kept_temperature must be > 0"),
         ({"deleted": [1.0]}, r"loss\.deleted .*\(0, 1\).*got 1\.0"),
         ({"deleted": [0.1, 0.1]}, r"loss\.deleted lists a fraction twice"),
+        ({"inserted": [1.0]}, r"loss\.inserted .*\(0, 1\).*got 1\.0"),
+        ({"inserted": [0.0]}, r"loss\.inserted .*\(0, 1\).*got 0\.0"),
+        ({"inserted": [0.15, 0.15]}, r"loss\.inserted lists a fraction twice"),
     ],
 )
 def test_kept_options_are_validated(options, message):
@@ -351,4 +354,63 @@ def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass(smoothing):
     expected = forward(seen[1]).softmax(dim=1)[torch.arange(2), labels].mean()
     torch.testing.assert_close(terms["del@20"], expected)
     terms["del@20"].backward()  # the probability's gradient reaches the head through the relaxed threshold
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.head.parameters())
+
+
+# ---- inserted terms: the label's probability missing once only the map's top pixels are put back ------------------
+
+
+def test_loss_with_inserted_terms_by_hand():
+    loss = MaskingLoss(ce=1.5, area=2.0, variation=0.01, deleted=[0.1], inserted=[0.05, 0.2], inserted_weight=0.6)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    deleted_10 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    inserted_5 = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    inserted_20 = torch.tensor([[3.0, 0.0], [0.0, 0.5]])
+    labels = torch.tensor([0, 1])
+    masks = torch.full((2, 2, 2, 2), 0.5)
+    terms = loss(logits, labels, masks, labels, [], [deleted_10], inserted_logits=[inserted_5, inserted_20])
+    assert list(terms) == ["ce", "area", "variation", "loss", "del@10", "ins@5", "ins@20"]
+
+    def probability(a, b):  # softmax probability of the first of two logits
+        return 1 / (1 + math.exp(b - a))
+
+    # 1 - the label's probability once the top pixels are back in the blurred image, averaged over the images
+    ins_5 = ((1 - probability(0.0, 1.0)) + (1 - probability(0.0, 2.0))) / 2
+    ins_20 = ((1 - probability(3.0, 0.0)) + (1 - probability(0.5, 0.0))) / 2
+    assert terms["ins@5"].item() == pytest.approx(0.6 * ins_5)
+    assert terms["ins@20"].item() == pytest.approx(0.6 * ins_20)
+    base = terms["ce"] + terms["area"] + terms["variation"] + terms["del@10"]
+    assert terms["loss"].item() == pytest.approx(base.item() + 0.6 * (ins_5 + ins_20))
+    with pytest.raises(ValueError, match="needs 2 inserted logits, got 1"):
+        loss(logits, labels, masks, labels, [], [deleted_10], inserted_logits=[inserted_5])
+
+
+def test_masking_pass_inserts_the_top_pixels_into_the_blurred_image():
+    """One extra pass on insertion's blurred start with the explanation's top pixels put back, as the curve does."""
+    torch.manual_seed(0)
+    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, loss={"inserted": [0.2]})
+    images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
+    _, features = module.backbone.features(images, module.head.layers)
+    forward, seen = module.backbone.forward, []
+
+    def recording(x):
+        seen.append(x.detach())
+        return forward(x)
+
+    module.backbone.forward = recording
+    terms, _ = module.masking_pass(images, features, labels)
+    assert len(seen) == 2  # the masked image, then the inserted one
+    start = blurred(images)
+    inserted = (seen[1] - images).abs().amax(dim=1) < 1e-6  # the pixels put back
+    assert ((seen[1] - start).abs().amax(dim=1)[~inserted] < 1e-6).all()  # the rest: the blurred start
+    assert inserted.flatten(1).sum(dim=1).tolist() == [math.ceil(0.2 * 64 * 64)] * 2
+    own = torch.nn.functional.interpolate(  # the explanations' pixel order: the upsampled logits
+        module.head(features)[torch.arange(2), labels][:, None], size=(64, 64), mode="bilinear", align_corners=False,
+    )[:, 0]  # fmt: skip
+    for b in range(2):
+        assert own[b][inserted[b]].min() >= own[b][~inserted[b]].max()
+    expected = 1 - forward(seen[1]).softmax(dim=1)[torch.arange(2), labels].mean()
+    torch.testing.assert_close(terms["ins@20"], expected)
+    assert "del@20" not in terms
+    terms["ins@20"].backward()  # the probability's gradient reaches the head through the relaxed threshold
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.head.parameters())

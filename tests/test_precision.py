@@ -28,7 +28,9 @@ def _plugin(precision: str) -> MixedPrecision:
 @pytest.mark.parametrize("precision", list(TOLERANCES))
 def test_loss_terms_and_maps_match_32_true(precision):
     torch.manual_seed(0)
-    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, loss={"kept": [0.5, 0.15], "deleted": [0.1]})
+    module = HeadTrainingModule(
+        TINY_BACKBONE, {"name": "tame"}, loss={"kept": [0.5, 0.15], "deleted": [0.1], "inserted": [0.15]}
+    )
     module.eval()
     images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 3, 3, 5, 7, 9])
@@ -43,7 +45,7 @@ def test_loss_terms_and_maps_match_32_true(precision):
     exact_terms, exact_maps = step(contextlib.nullcontext())
     terms, maps = step(_plugin(precision).forward_context())
     relative, largest, mean = TOLERANCES[precision]
-    assert set(terms) == {"ce", "area", "variation", "loss", "ce@50", "ce@15", "del@10"}
+    assert set(terms) == {"ce", "area", "variation", "loss", "ce@50", "ce@15", "del@10", "ins@15"}
     for key, value in terms.items():
         assert value.dtype == torch.float32, key
         assert float(value) == pytest.approx(float(exact_terms[key]), rel=relative), key
