@@ -91,6 +91,11 @@ def top_fraction_indicator(maps: Tensor, fraction: float, temperature: float = 0
     return hard + (soft - soft.detach())
 
 
+def _label_probability(logits: Tensor, labels: Tensor) -> Tensor:
+    """Each image's softmax probability of its label, in float32: what the deletion and insertion curves plot."""
+    return logits.float().softmax(dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
 def _relaxed_top(maps: Tensor, fraction: float, temperature: float) -> Tensor:
     """sigmoid((maps - q) / temperature), q each map's count-th largest value (detached): the smooth stand-in
     for "among the top ``fraction``" whose gradient the straight-through masks use."""
@@ -245,11 +250,9 @@ class MaskingLoss:
             terms[name] = self.kept_ce * F.cross_entropy(logits.float(), labels)
             terms["loss"] = terms["loss"] + terms[name]
         for name, logits in zip(self.deleted_names(), deleted_logits, strict=True):
-            probability = logits.float().softmax(dim=1).gather(1, labels.unsqueeze(1))
-            terms[name] = self.deleted_weight * probability.mean()
+            terms[name] = self.deleted_weight * _label_probability(logits, labels).mean()
             terms["loss"] = terms["loss"] + terms[name]
         for name, logits in zip(self.inserted_names(), inserted_logits, strict=True):
-            probability = logits.float().softmax(dim=1).gather(1, labels.unsqueeze(1))
-            terms[name] = self.inserted_weight * (1 - probability).mean()
+            terms[name] = self.inserted_weight * (1 - _label_probability(logits, labels)).mean()
             terms["loss"] = terms["loss"] + terms[name]
         return terms
