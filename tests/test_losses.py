@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,6 +12,35 @@ from tame_lit.maps import keep_top, normalize, smooth, upsample
 from tame_lit.metrics.deletion import blurred, pixel_ranks
 from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
+
+
+@dataclass
+class RecordedPass:
+    """A tiny TAME head's ``masking_pass`` on two random images, with the input of every backbone pass."""
+
+    module: HeadTrainingModule
+    images: torch.Tensor
+    labels: torch.Tensor
+    features: dict[str, torch.Tensor]
+    terms: dict[str, torch.Tensor]
+    seen: list[torch.Tensor]  # each backbone pass's input, in order
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the backbone's own forward, unrecorded
+
+
+def recorded_masking_pass(head: dict, loss: dict) -> RecordedPass:
+    torch.manual_seed(0)
+    module = HeadTrainingModule(TINY_BACKBONE, head, loss=loss)
+    images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
+    _, features = module.backbone.features(images, module.head.layers)
+    forward, seen = module.backbone.forward, []
+
+    def recording(x):
+        seen.append(x.detach())
+        return forward(x)
+
+    module.backbone.forward = recording
+    terms, _ = module.masking_pass(images, features, labels)
+    return RecordedPass(module, images, labels, features, terms, seen, forward)
 
 
 def test_area_loss_by_hand():
@@ -220,20 +251,16 @@ def test_no_kept_fraction_is_exactly_the_old_objective():
 def test_masking_pass_runs_one_backbone_pass_per_kept_fraction():
     calls = []
     for kept in ((), (0.5, 0.15)):
-        torch.manual_seed(0)
-        module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, loss={"kept": kept})
-        images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
-        _, features = module.backbone.features(images, module.head.layers)
-        forward = module.backbone.forward
-        count = [0]
-
-        def counting(x, forward=forward, count=count):
-            count[0] += 1
-            return forward(x)
-
-        module.backbone.forward = counting
-        terms, _ = module.masking_pass(images, features, labels)
-        calls.append(count[0])
+        run = recorded_masking_pass({"name": "tame"}, {"kept": kept})
+        module, images, labels, features, terms, forward = (
+            run.module,
+            run.images,
+            run.labels,
+            run.features,
+            run.terms,
+            run.forward,
+        )
+        calls.append(len(run.seen))
         terms["loss"].backward()
         assert all(p.grad is not None for p in module.head.parameters() if p.requires_grad)
         if kept:
@@ -320,18 +347,16 @@ def test_loss_with_deleted_terms_by_hand():
 @pytest.mark.parametrize("smoothing", [0.0, 1.0])
 def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass(smoothing):
     """The deleted pixels are the explanation's top ones: with ``head.smoothing``, those of the blurred map."""
-    torch.manual_seed(0)
-    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame", "smoothing": smoothing}, loss={"deleted": [0.2]})
-    images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
-    _, features = module.backbone.features(images, module.head.layers)
-    forward, seen = module.backbone.forward, []
-
-    def recording(x):
-        seen.append(x.detach())
-        return forward(x)
-
-    module.backbone.forward = recording
-    terms, _ = module.masking_pass(images, features, labels)
+    run = recorded_masking_pass({"name": "tame", "smoothing": smoothing}, {"deleted": [0.2]})
+    module, images, labels, features, terms, seen, forward = (
+        run.module,
+        run.images,
+        run.labels,
+        run.features,
+        run.terms,
+        run.seen,
+        run.forward,
+    )
     assert len(seen) == 2  # the masked image, then the deleted one
     # the masked image: times the sigmoid mask of each image's label, upsampled, blurred as the explanation is
     own_logits = module.head(features)[torch.arange(2), labels]
@@ -387,18 +412,16 @@ def test_loss_with_inserted_terms_by_hand():
 
 def test_masking_pass_inserts_the_top_pixels_into_the_blurred_image():
     """One extra pass on insertion's blurred start with the explanation's top pixels put back, as the curve does."""
-    torch.manual_seed(0)
-    module = HeadTrainingModule(TINY_BACKBONE, {"name": "tame"}, loss={"inserted": [0.2]})
-    images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
-    _, features = module.backbone.features(images, module.head.layers)
-    forward, seen = module.backbone.forward, []
-
-    def recording(x):
-        seen.append(x.detach())
-        return forward(x)
-
-    module.backbone.forward = recording
-    terms, _ = module.masking_pass(images, features, labels)
+    run = recorded_masking_pass({"name": "tame"}, {"inserted": [0.2]})
+    module, images, labels, features, terms, seen, forward = (
+        run.module,
+        run.images,
+        run.labels,
+        run.features,
+        run.terms,
+        run.seen,
+        run.forward,
+    )
     assert len(seen) == 2  # the masked image, then the inserted one
     start = blurred(images)
     inserted = (seen[1] - images).abs().amax(dim=1) < 1e-6  # the pixels put back
