@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,20 +12,9 @@ from tame_lit.training import HeadTrainingModule
 from tests.helpers import TINY_BACKBONE
 
 
-@dataclass
-class RecordedPass:
-    """A tiny TAME head's ``masking_pass`` on two random images, with the input of every backbone pass."""
-
-    module: HeadTrainingModule
-    images: torch.Tensor
-    labels: torch.Tensor
-    features: dict[str, torch.Tensor]
-    terms: dict[str, torch.Tensor]
-    seen: list[torch.Tensor]  # each backbone pass's input, in order
-    forward: Callable[[torch.Tensor], torch.Tensor]  # the backbone's own forward, unrecorded
-
-
-def recorded_masking_pass(head: dict, loss: dict) -> RecordedPass:
+def recorded_masking_pass(head: dict, loss: dict) -> tuple:
+    """A tiny head's ``masking_pass`` on two random images: ``(module, images, labels, features, terms, seen,
+    forward)``, ``seen`` the input of every backbone pass in order, ``forward`` the backbone's own, unrecorded."""
     torch.manual_seed(0)
     module = HeadTrainingModule(TINY_BACKBONE, head, loss=loss)
     images, labels = torch.rand(2, 3, 64, 64), torch.tensor([1, 4])
@@ -40,7 +27,7 @@ def recorded_masking_pass(head: dict, loss: dict) -> RecordedPass:
 
     module.backbone.forward = recording
     terms, _ = module.masking_pass(images, features, labels)
-    return RecordedPass(module, images, labels, features, terms, seen, forward)
+    return module, images, labels, features, terms, seen, forward
 
 
 def test_area_loss_by_hand():
@@ -252,15 +239,8 @@ def test_masking_pass_runs_one_backbone_pass_per_kept_fraction():
     calls = []
     for kept in ((), (0.5, 0.15)):
         run = recorded_masking_pass({"name": "tame"}, {"kept": kept})
-        module, images, labels, features, terms, forward = (
-            run.module,
-            run.images,
-            run.labels,
-            run.features,
-            run.terms,
-            run.forward,
-        )
-        calls.append(len(run.seen))
+        module, images, labels, features, terms, seen, forward = run
+        calls.append(len(seen))
         terms["loss"].backward()
         assert all(p.grad is not None for p in module.head.parameters() if p.requires_grad)
         if kept:
@@ -348,15 +328,7 @@ def test_loss_with_deleted_terms_by_hand():
 def test_masking_pass_deletes_the_top_pixels_in_one_extra_pass(smoothing):
     """The deleted pixels are the explanation's top ones: with ``head.smoothing``, those of the blurred map."""
     run = recorded_masking_pass({"name": "tame", "smoothing": smoothing}, {"deleted": [0.2]})
-    module, images, labels, features, terms, seen, forward = (
-        run.module,
-        run.images,
-        run.labels,
-        run.features,
-        run.terms,
-        run.seen,
-        run.forward,
-    )
+    module, images, labels, features, terms, seen, forward = run
     assert len(seen) == 2  # the masked image, then the deleted one
     # the masked image: times the sigmoid mask of each image's label, upsampled, blurred as the explanation is
     own_logits = module.head(features)[torch.arange(2), labels]
@@ -413,15 +385,7 @@ def test_loss_with_inserted_terms_by_hand():
 def test_masking_pass_inserts_the_top_pixels_into_the_blurred_image():
     """One extra pass on insertion's blurred start with the explanation's top pixels put back, as the curve does."""
     run = recorded_masking_pass({"name": "tame"}, {"inserted": [0.2]})
-    module, images, labels, features, terms, seen, forward = (
-        run.module,
-        run.images,
-        run.labels,
-        run.features,
-        run.terms,
-        run.seen,
-        run.forward,
-    )
+    module, images, labels, features, terms, seen, forward = run
     assert len(seen) == 2  # the masked image, then the inserted one
     start = blurred(images)
     inserted = (seen[1] - images).abs().amax(dim=1) < 1e-6  # the pixels put back
