@@ -217,4 +217,5 @@ def test_the_faithfulness_comparison_scores_every_method_and_the_trained_heads(t
     assert set(explainers.defined_for("spatial")) <= set(cfg.explainers)  # every method defined on a CNN
     assert {"best", "tame", "sacam"} <= set(cfg.explainers) <= {*explainers.available(), *cfg.heads}
     assert cfg.compare_to == "gradcam" and cfg.data.limit is None and cfg.data.limit_per_class is None
-    assert set(cfg.subset_explainers) == {"ablationcam", "rise", "scorecam", "sise"} and cfg.subset_per_class == 20
+    assert set(cfg.subset_explainers) == {"ablationcam", "rise", "scorecam", "sise"} and cfg.subset_per_class == 10
+    assert cfg.metrics.deletion.steps == 14 and list(cfg.metrics.road.levels) == [0.1, 0.3, 0.5, 0.7, 0.9]
