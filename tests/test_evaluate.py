@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -372,6 +373,8 @@ def test_an_ablation_table_tells_the_trained_variants_apart(tmp_path):
         checkpoints[variant] = run / "checkpoints" / "last.ckpt"
     exported = trained_head_settings(tmp_path / "no_skip" / "export")
     assert exported["head"] == "tame" and exported["variant"] == "no_skip"
+    weights = (tmp_path / "no_skip" / "export" / "head.safetensors").read_bytes()
+    assert exported["weights_sha256"] == hashlib.sha256(weights).hexdigest()  # two heads in one folder: told apart
     cfg = compose_train(
         [
             *TINY_OVERRIDES,

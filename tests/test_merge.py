@@ -103,6 +103,13 @@ def test_runs_that_do_not_belong_together_are_refused(tmp_path):
                        "metrics.deletion.steps=2")  # fmt: skip
     with pytest.raises(MergeError, match=r"metrics.options"):
         merge_runs([first, other_metric], tmp_path / "out")
+    # an explainer of the same name with other settings, e.g. a head retrained into the same export folder
+    retrained = run(tmp_path, "retrained", data, "explainers=[random]", "data.num_shards=2", "data.shard=1")
+    record = json.loads((retrained / "run.json").read_text())
+    record["explainers"]["random"]["weights_sha256"] = "0" * 64
+    (retrained / "run.json").write_text(json.dumps(record))
+    with pytest.raises(MergeError, match=r"'random' has other settings .*weights_sha256"):
+        merge_runs([first, retrained], tmp_path / "out")
     whole = run(tmp_path, "whole", data, "explainers=[random]")
     with pytest.raises(MergeError, match=r"num_shards"):
         merge_runs([first, whole], tmp_path / "out")

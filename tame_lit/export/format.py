@@ -134,12 +134,13 @@ def export_record(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 def describe_export(path: str | os.PathLike) -> dict[str, Any]:
     """What tells trained heads apart in a report, for an export (its folder, ``explainer.json``, or a
-    program or ONNX graph beside it): the file, the head, its layers and options."""
+    program or ONNX graph beside it): the file, the head, its layers and options, and the weights' SHA-256, so
+    that runs of two heads trained into the same folder are never taken for one (``tame-merge`` compares it)."""
     path = Path(path).resolve()
     folder = path if path.is_dir() else path.parent
     metadata = read_metadata(folder, required=("head",))
     head = dict(metadata["head"])
-    return {"checkpoint": str(path), "head": head.pop("name", None), **head}
+    return {"checkpoint": str(path), "head": head.pop("name", None), **head, "weights_sha256": metadata.get("sha256")}
 
 
 class UntrustedFileError(InvalidExportError):
