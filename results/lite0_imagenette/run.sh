@@ -11,7 +11,8 @@
 #     free     the one-pass non-trainable explainers, 16 shards        -> free/shard<k>/
 #     slow     Ablation-CAM, Score-CAM, RISE, SISE on the first 10 images of each class, 16 shards -> slow/shard<k>/
 #     grid     every explainer on one image of each class (the heatmap grid) -> grid/
-#     merge    tame-merge of all shards (against Grad-CAM, then against the best head) -> merged/
+#     merge    tame-merge of all shards (against Grad-CAM, then against the best head) -> merged/, and the
+#              README's tables from them (tables.py) -> merged/tables.md
 #
 # Scratch (training runs, full evaluation folders) goes to $TAME_LIT_SCRATCH (default /tmp/tame-lit-lite0);
 # creating the file $TAME_LIT_SCRATCH/STOP stops the script between two pieces.
@@ -137,6 +138,7 @@ step_merge() {
   timed tame-merge "${runs[@]}" --compare-to best --out "$scratch/merged_vs_best"
   keep "$scratch/merged" "$scratch/merged_keep" "$report_files"
   keep "$scratch/merged_vs_best" "$scratch/merged_keep/vs_best" "metrics.json report.md"
+  python "$here/tables.py" "$scratch/merged_keep" > "$scratch/merged_keep/tables.md"
   mv "$scratch/merged_keep" "$here/merged"
 }
 
