@@ -80,6 +80,13 @@ shard() {
   keep "$scratch/$part/shard$k" "$here/$part/shard$k" "$run_files"
 }
 
+# PART scored on every shard (the rest of the arguments: its evaluate.py options)
+every_shard() {
+  local part=$1 k
+  shift
+  for k in $(seq 0 $((shards - 1))); do shard "$part" "$k" "$@"; done
+}
+
 # shards an earlier training of this head scored must be of the same weights (training is not always
 # bit-reproducible): stop at once rather than after hours, when tame-merge would refuse them
 check_same_head() {
@@ -102,22 +109,20 @@ PYTHON
 
 # a head: trained unless its export is here or its shards are done, then scored shard by shard
 step_head() {
-  local head=$1 experiment=$2 k
+  local head=$1 experiment=$2
   if [[ ! -e "$here/$head/shard$((shards - 1))/per_image.csv" ]]; then
     train "$head" "$experiment"
     check_same_head "$head"
   fi
-  for k in $(seq 0 $((shards - 1))); do
-    shard "$head" "$k" "explainers=[$head]" "heads.$head.checkpoint=$here/exports/$head"
-  done
+  every_shard "$head" "explainers=[$head]" "heads.$head.checkpoint=$here/exports/$head"
 }
 
 step_free() {
-  for k in $(seq 0 $((shards - 1))); do shard free "$k" "explainers=[$free_explainers]"; done
+  every_shard free "explainers=[$free_explainers]"
 }
 
 step_slow() {
-  for k in $(seq 0 $((shards - 1))); do shard slow "$k" "explainers=[$slow_explainers]"; done
+  every_shard slow "explainers=[$slow_explainers]"
 }
 
 step_grid() {
