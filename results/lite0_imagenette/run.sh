@@ -10,7 +10,8 @@
 #              unfinished, and tame-merge refuses shards of two different trainings (the weights' SHA-256)
 #     free     the one-pass non-trainable explainers, 16 shards        -> free/shard<k>/
 #     slow     Ablation-CAM, Score-CAM, RISE, SISE on the first 10 images of each class, 16 shards -> slow/shard<k>/
-#     grid     every explainer on one image of each class (the heatmap grid) -> grid/
+#     grid     every explainer on one image of each class (the heatmap grid) -> grid/; it needs the exports
+#              of the scored heads (checked by their SHA-256), so run it while they are here
 #     merge    tame-merge of all shards (against Grad-CAM, then against the best head) -> merged/, and the
 #              README's tables from them (tables.py) -> merged/tables.md
 #
@@ -126,8 +127,11 @@ step_slow() {
 }
 
 step_grid() {
+  local head
   [[ -e "$here/grid/heatmaps.png" ]] && return
   stop_requested
+  # the grid must show the heads the table scored, not a later retraining
+  for head in best tame sacam; do check_same_head "$head"; done
   rm -rf "$scratch/grid"
   # shellcheck disable=SC2086
   timed python evaluate.py comparison=lite0_imagenette data.limit_per_class=1 grid_images=10 logger=csv \
