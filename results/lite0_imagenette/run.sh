@@ -10,8 +10,8 @@
 #              unfinished, and tame-merge refuses shards of two different trainings (the weights' SHA-256)
 #     free     the one-pass non-trainable explainers, 16 shards        -> free/shard<k>/
 #     slow     Ablation-CAM, Score-CAM, RISE, SISE on the first 10 images of each class, 16 shards -> slow/shard<k>/
-#     grid     every explainer on one image of each class (the heatmap grid) -> grid/; it needs the exports
-#              of the scored heads (checked by their SHA-256), so run it while they are here
+#     grid     every explainer on one image of each class (the heatmap grid, kept as a 2000-px JPEG) -> grid/;
+#              it needs the exports of the scored heads (checked by their SHA-256), so run it while they are here
 #     merge    tame-merge of all shards (against Grad-CAM, then against the best head) -> merged/, and the
 #              README's tables from them (tables.py) -> merged/tables.md
 #
@@ -128,7 +128,7 @@ step_slow() {
 
 step_grid() {
   local head
-  [[ -e "$here/grid/heatmaps.png" ]] && return
+  [[ -e "$here/grid/heatmaps.jpg" ]] && return
   stop_requested
   # the grid must show the heads the table scored, not a later retraining
   for head in best tame sacam; do check_same_head "$head"; done
@@ -136,14 +136,25 @@ step_grid() {
   # shellcheck disable=SC2086
   timed python evaluate.py comparison=lite0_imagenette data.limit_per_class=1 grid_images=10 logger=csv \
     "explainers=[best,tame,sacam,$free_explainers,$slow_explainers]" $heads_of_exports hydra.run.dir="$scratch/grid"
-  keep "$scratch/grid" "$here/grid" "$report_files"
+  # the full-size grid (a 10 MB PNG) stays in the scratch folder; the repository keeps a 0.5 MB JPEG of it
+  python - "$scratch/grid/heatmaps.png" "$scratch/grid/heatmaps.jpg" <<'PYTHON'
+import sys
+
+from PIL import Image
+
+grid = Image.open(sys.argv[1]).convert("RGB")
+width = 2000
+grid.resize((width, round(grid.height * width / grid.width)), Image.LANCZOS).save(sys.argv[2], quality=80, optimize=True)
+PYTHON
+  keep "$scratch/grid" "$here/grid" "${report_files/heatmaps.png/heatmaps.jpg}"
 }
 
 step_merge() {
   local runs=("$here"/{best,tame,sacam,free,slow}/shard*)
   stop_requested
   rm -rf "$scratch/merged" "$scratch/merged_vs_best" "$scratch/merged_keep" "$here/merged"
-  timed tame-merge "${runs[@]}" --out "$scratch/merged"
+  # the heads' shards scored no reference (compare_to is null there), so name it
+  timed tame-merge "${runs[@]}" --compare-to gradcam --out "$scratch/merged"
   timed tame-merge "${runs[@]}" --compare-to best --out "$scratch/merged_vs_best"
   keep "$scratch/merged" "$scratch/merged_keep" "$report_files"
   keep "$scratch/merged_vs_best" "$scratch/merged_keep/vs_best" "metrics.json report.md"
