@@ -25,11 +25,9 @@ scratch=${TAME_LIT_SCRATCH:-/tmp/tame-lit-lite0}
 shards=16
 free_explainers="cam,gradcam,gradcampp,xgradcam,layercam,ge,attention_gradcam,sacam_posthoc,smoothed,random"
 slow_explainers="ablationcam,scorecam,rise,sise"
-heads_of_exports="heads.best.checkpoint=$here/exports/best heads.tame.checkpoint=$here/exports/tame \
-heads.sacam.checkpoint=$here/exports/sacam"  # the grid's
 # the files tame-merge reads, and those worth keeping of a merged run or of the grid
 run_files="metrics.json curves.json run.json per_image.csv .hydra/overrides.yaml"
-report_files="metrics.json metrics.csv report.md run.json deletion.png insertion.png road.png heatmaps.png"
+report_files="metrics.json metrics.csv report.md run.json deletion.png insertion.png road.png"
 
 cd "$repo"
 mkdir -p "$scratch"
@@ -127,15 +125,17 @@ step_slow() {
 }
 
 step_grid() {
-  local head
+  local head checkpoints=()
   [[ -e "$here/grid/heatmaps.jpg" ]] && return
   stop_requested
   # the grid must show the heads the table scored, not a later retraining
-  for head in best tame sacam; do check_same_head "$head"; done
+  for head in best tame sacam; do
+    check_same_head "$head"
+    checkpoints+=("heads.$head.checkpoint=$here/exports/$head")
+  done
   rm -rf "$scratch/grid"
-  # shellcheck disable=SC2086
   timed python evaluate.py comparison=lite0_imagenette data.limit_per_class=1 grid_images=10 logger=csv \
-    "explainers=[best,tame,sacam,$free_explainers,$slow_explainers]" $heads_of_exports hydra.run.dir="$scratch/grid"
+    "explainers=[best,tame,sacam,$free_explainers,$slow_explainers]" "${checkpoints[@]}" hydra.run.dir="$scratch/grid"
   # the full-size grid (a 10 MB PNG) stays in the scratch folder; the repository keeps a 0.5 MB JPEG of it
   python - "$scratch/grid/heatmaps.png" "$scratch/grid/heatmaps.jpg" <<'PYTHON'
 import sys
@@ -146,7 +146,7 @@ grid = Image.open(sys.argv[1]).convert("RGB")
 width = 2000
 grid.resize((width, round(grid.height * width / grid.width)), Image.LANCZOS).save(sys.argv[2], quality=80, optimize=True)
 PYTHON
-  keep "$scratch/grid" "$here/grid" "${report_files/heatmaps.png/heatmaps.jpg}"
+  keep "$scratch/grid" "$here/grid" "$report_files heatmaps.jpg"
 }
 
 step_merge() {
